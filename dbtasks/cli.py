@@ -1,0 +1,175 @@
+"""The `dbtasks` command line: parses arguments and calls `commands`; no logic.
+
+Every option can also come from the environment: `--database-url` from
+DBTASKS_DATABASE_URL, `--tasks` from DBTASKS_TASKS, `--schema` from
+DBTASKS_SCHEMA, `--log-level` from DBTASKS_LOG_LEVEL.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import click
+
+from dbtasks import commands
+from dbtasks.config import DEFAULT_DATABASE_URL, Config, config_from_env
+from dbtasks.errors import DbtasksError
+
+LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--database-url",
+    envvar="DBTASKS_DATABASE_URL",
+    default=DEFAULT_DATABASE_URL,
+    show_default=True,
+    help="postgresql://user@host/db or sqlite:///file.db",
+)
+@click.option(
+    "--tasks",
+    "tasks_path",
+    envvar="DBTASKS_TASKS",
+    default="tasks",
+    show_default=True,
+    type=click.Path(path_type=Path),
+    help="Folder of task modules.",
+)
+@click.option("--schema", envvar="DBTASKS_SCHEMA", help="PostgreSQL schema for the tables.")
+@click.option(
+    "--log-level",
+    envvar="DBTASKS_LOG_LEVEL",
+    default="INFO",
+    show_default=True,
+    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+)
+@click.pass_context
+def main(ctx: click.Context, database_url: str, tasks_path: Path, schema: str | None,
+         log_level: str) -> None:
+    """dbtasks: a durable job queue in your application's own database."""
+    logging.basicConfig(level=log_level.upper(), format=LOG_FORMAT, stream=sys.stderr)
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
+    ctx.obj = _guard(
+        lambda: config_from_env(
+            database_url=database_url, tasks_path=tasks_path, schema=schema
+        )
+    )
+
+
+@main.command()
+@click.pass_obj
+def migrate(config: Config) -> None:
+    """Create or upgrade dbtasks' tables."""
+    _guard(lambda: commands.migrate(config))
+
+
+@main.command()
+@click.option("--concurrency", "-c", type=int, default=10, show_default=True,
+              help="Jobs run at once by this worker.")
+@click.option("--queues", "-q", default="default", show_default=True,
+              help="Comma-separated queues to serve.")
+@click.option("--node", "node_name", envvar="DBTASKS_NODE",
+              help="Node name (default: host:pid:random, unique per process).")
+@click.option("--poll-interval", type=float, default=1.0, show_default=True,
+              help="Longest idle wait between claims, in seconds.")
+@click.option("--lease", "lease_seconds", type=float, default=30.0, show_default=True,
+              help="Seconds a claimed job stays owned without a heartbeat.")
+@click.option("--node-timeout", type=float, default=None,
+              help="Seconds without heartbeat before a node counts as dead "
+              "[default: the lease].")
+@click.option("--shutdown-grace", type=float, default=30.0, show_default=True,
+              help="Seconds running jobs get to finish after SIGTERM.")
+@click.option("--retention", type=float, default=7 * 24 * 3600.0, show_default=True,
+              help="Seconds finished jobs are kept; 0 keeps them forever.")
+@click.pass_obj
+def worker(config: Config, queues: str, node_timeout: float | None,
+           **options: Any) -> None:
+    """Run jobs until SIGTERM or SIGINT (a second signal hands them back at once)."""
+    def build() -> Config:
+        return config.replace(
+            queues=tuple(q.strip() for q in queues.split(",")),
+            node_timeout=node_timeout or options["lease_seconds"],
+            **options,
+        )
+
+    _guard(lambda: commands.worker(_guard(build)))
+
+
+@main.command()
+@click.argument("task")
+@click.option("--params", default="{}", show_default=True, help="Params as JSON.")
+@click.option("--run-at", default=None,
+              help="Timezone-aware ISO time, e.g. 2030-01-01T09:00:00+00:00.")
+@click.option("--priority", type=int, default=None, help="-100 to 100, lower first.")
+@click.option("--queue", default=None, help="Queue name [default: the task's].")
+@click.option("--idempotency-key", default=None)
+@click.option("--not-yet-deployed", is_flag=True,
+              help="Accept a task name no worker has registered yet.")
+@click.pass_obj
+def enqueue(config: Config, task: str, params: str, run_at: str | None,
+            **options: Any) -> None:
+    """Enqueue a job of TASK and print its id."""
+    job_id = _guard(
+        lambda: commands.enqueue(
+            config, task, _parse_json(params), run_at=_parse_time(run_at), **options
+        )
+    )
+    click.echo(job_id)
+
+
+@main.command()
+@click.argument("task")
+@click.option("--params", default="{}", show_default=True, help="Params as JSON.")
+@click.pass_obj
+def run(config: Config, task: str, params: str) -> None:
+    """Run TASK inline, now, in this process, and print its result."""
+    result = _guard(lambda: commands.run(config, task, _parse_json(params)))
+    click.echo(json.dumps(result, default=repr))
+
+
+@main.command(name="tasks")
+@click.pass_obj
+def list_tasks(config: Config) -> None:
+    """List the tasks found in the tasks folder."""
+    for task in _guard(lambda: commands.list_tasks(config)):
+        every = f"every {task.frequency:g}s" if task.is_periodic else "on enqueue"
+        click.echo(f"{task.name}\t{task.scope}\t{every}\t{task.description}")
+
+
+def _parse_json(text: str) -> Any:
+    try:
+        return json.loads(text, parse_constant=_refuse_constant)
+    except ValueError as exc:
+        raise click.BadParameter(f"not valid JSON: {exc}", param_hint="--params")
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not allowed in params")
+
+
+def _parse_time(text: str | None) -> datetime | None:
+    # A naive time parses here and reaches enqueue, which refuses it and says
+    # how to fix it.
+    if text is None:
+        return None
+    try:
+        return datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise click.BadParameter(
+            f"{text!r} is not an ISO time such as 2030-01-01T09:00:00+00:00",
+            param_hint="--run-at",
+        ) from None
+
+
+def _guard(action: Any) -> Any:
+    """Run an action; turn dbtasks errors into a one-line message and exit 2."""
+    try:
+        return action()
+    except DbtasksError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)

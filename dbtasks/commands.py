@@ -1,0 +1,87 @@
+"""One function per CLI command, each taking a Config: also the Python API.
+
+`cli.py` only parses arguments and calls these, so the command line and the
+API cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy.exc import DBAPIError
+
+from dbtasks import migrate as migrations
+from dbtasks.config import Config, safe_url
+from dbtasks.database import create_queue_engine
+from dbtasks.errors import DatabaseError
+from dbtasks.jobs import enqueue as enqueue_job
+from dbtasks.tasks import Registry, load_tasks, run_inline
+from dbtasks.worker import Worker
+
+logger = logging.getLogger(__name__)
+
+
+def migrate(config: Config) -> None:
+    """Create dbtasks' tables, or upgrade them to this version's revision."""
+    engine = create_queue_engine(config)
+    try:
+        migrations.upgrade(engine, config.schema)
+    except DBAPIError as exc:
+        raise database_error(config, exc) from exc
+    finally:
+        engine.dispose()
+
+
+def worker(config: Config) -> None:
+    """Run a worker on the tasks folder until SIGTERM or SIGINT."""
+    registry = load_tasks(config.tasks_path)
+    try:
+        Worker(config, registry).run()
+    except DBAPIError as exc:
+        raise database_error(config, exc) from exc
+
+
+def enqueue(
+    config: Config,
+    task: str,
+    params: Any = None,
+    *,
+    run_at: datetime | None = None,
+    **options: Any,
+) -> int:
+    """Enqueue a job in a transaction of its own and return its id."""
+    if config.tasks_path.is_dir():
+        load_tasks(config.tasks_path)  # for the task's defaults, if it is here
+    engine = create_queue_engine(config)
+    try:
+        migrations.require_current_schema(engine, config.schema)
+        with engine.begin() as conn:
+            return enqueue_job(
+                conn, task, params, run_at=run_at, schema=config.schema, **options
+            )
+    except DBAPIError as exc:
+        raise database_error(config, exc) from exc
+    finally:
+        engine.dispose()
+
+
+def run(config: Config, task: str, params: Any = None) -> Any:
+    """Run a task inline, now, in this process, and return its result."""
+    registry = load_tasks(config.tasks_path)
+    return run_inline(registry.get(task), params)
+
+
+def list_tasks(config: Config) -> Registry:
+    """Load the tasks folder and return its registry."""
+    return load_tasks(config.tasks_path)
+
+
+def database_error(config: Config, exc: DBAPIError) -> DatabaseError:
+    """Say what failed without the SQL, and never with the password."""
+    reason = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
+    password = config.database_url.password
+    if password:
+        reason = reason.replace(str(password), "***")
+    return DatabaseError(f"database {safe_url(config.database_url)}: {reason}")

@@ -1,0 +1,144 @@
+"""Settings of dbtasks: the database, the tasks folder, and the worker's timings.
+
+A `Config` is built once, validated, and passed to the commands. Values come
+from the CLI's options, which read the `DBTASKS_*` environment variables.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError
+
+from dbtasks.errors import ConfigError
+
+#: With no database configured, a SQLite file in the current directory.
+DEFAULT_DATABASE_URL = "sqlite:///dbtasks.sqlite3"
+
+#: The queue a job goes to when none is named.
+DEFAULT_QUEUE = "default"
+
+_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+
+
+def parse_database_url(raw: str) -> URL:
+    """Parse a database URL, choosing psycopg 3 for a bare `postgresql://`.
+
+    Only PostgreSQL and SQLite are supported; anything else is a ConfigError
+    that shows the URL with its password hidden.
+    """
+    try:
+        url = make_url(raw)
+    except (ArgumentError, ValueError) as exc:
+        raise ConfigError(
+            f"the database URL {_mask(raw)!r} is malformed: {exc}; expected "
+            "postgresql://user@host:5432/dbname or sqlite:///path/to/file.db"
+        ) from None
+
+    backend = url.get_backend_name()
+    if backend in ("postgresql", "postgres"):
+        return url.set(drivername="postgresql+psycopg")
+    if backend == "sqlite":
+        if url.drivername != "sqlite":
+            raise ConfigError(
+                f"the SQLite driver {url.drivername!r} is not supported by the "
+                "worker; use a plain sqlite:///path URL"
+            )
+        return url
+    raise ConfigError(
+        f"the database URL {url.render_as_string(hide_password=True)!r} names "
+        f"{backend!r}; dbtasks supports postgresql:// and sqlite:/// URLs"
+    )
+
+
+def _mask(raw: str) -> str:
+    """Hide what looks like a password in a URL that could not be parsed."""
+    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", raw)
+
+
+def safe_url(url: URL) -> str:
+    """The URL as it may appear in logs and errors: never with its password."""
+    return url.render_as_string(hide_password=True)
+
+
+@dataclass(frozen=True)
+class Config:
+    """Validated settings shared by every command.
+
+    Timings are seconds. A job's lease lasts `lease_seconds` and is renewed
+    every `lease_seconds / 3` while the job runs; a node whose heartbeat is
+    older than `node_timeout` is dead. `retention` is how long finished jobs
+    are kept (0 keeps them forever).
+    """
+
+    database_url: URL = field(default_factory=lambda: make_url(DEFAULT_DATABASE_URL))
+    tasks_path: Path = Path("tasks")
+    schema: str | None = None
+    node_name: str | None = None
+    concurrency: int = 10
+    queues: tuple[str, ...] = (DEFAULT_QUEUE,)
+    poll_interval: float = 1.0
+    lease_seconds: float = 30.0
+    node_timeout: float = 30.0
+    shutdown_grace: float = 30.0
+    retention: float = 7 * 24 * 3600.0
+
+    def __post_init__(self) -> None:
+        if self.schema is not None and not _IDENTIFIER.match(self.schema):
+            raise ConfigError(
+                f"schema {self.schema!r} is not a plain SQL identifier; use letters, "
+                "digits and underscores, starting with a letter"
+            )
+        if self.schema is not None and self.dialect != "postgresql":
+            raise ConfigError("a schema can only be set on PostgreSQL")
+        if not 1 <= self.concurrency <= 1000:
+            raise ConfigError(
+                f"concurrency must be 1 to 1000, got {self.concurrency}"
+            )
+        if not self.queues or not all(self.queues):
+            raise ConfigError("name at least one queue, and no empty queue names")
+        self._check_positive("poll_interval", "lease_seconds", "node_timeout")
+        if self.shutdown_grace < 0 or self.retention < 0:
+            raise ConfigError("shutdown_grace and retention cannot be negative")
+        if self.node_name is not None and not 1 <= len(self.node_name) <= 200:
+            raise ConfigError("a node name must be 1 to 200 characters long")
+
+    def _check_positive(self, *names: str) -> None:
+        for name in names:
+            value = getattr(self, name)
+            if not value > 0:
+                raise ConfigError(f"{name} must be more than 0 seconds, got {value}")
+
+    @property
+    def dialect(self) -> str:
+        return self.database_url.get_backend_name()
+
+    @property
+    def heartbeat_interval(self) -> float:
+        """How often a worker renews its node heartbeat and its jobs' leases."""
+        return min(self.lease_seconds, self.node_timeout) / 3
+
+    def replace(self, **changes: object) -> Config:
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+
+def config_from_env(**overrides: object) -> Config:
+    """Build a Config from the `DBTASKS_*` environment variables and overrides.
+
+    This is what an application gets when it calls dbtasks without a CLI.
+    """
+    values: dict[str, object] = {
+        "database_url": os.environ.get("DBTASKS_DATABASE_URL", DEFAULT_DATABASE_URL),
+        "tasks_path": os.environ.get("DBTASKS_TASKS", "tasks"),
+        "schema": os.environ.get("DBTASKS_SCHEMA") or None,
+    }
+    values.update({key: value for key, value in overrides.items() if value is not None})
+    url = values["database_url"]
+    values["database_url"] = parse_database_url(url) if isinstance(url, str) else url
+    values["tasks_path"] = Path(str(values["tasks_path"]))
+    return Config(**values)  # type: ignore[arg-type]

@@ -1,0 +1,106 @@
+"""Engines for the queue's own connections: psycopg 3 on PostgreSQL, SQLite pragmas.
+
+A worker opens its own engine; enqueue never does (it joins the caller's
+transaction). On SQLite every transaction of ours starts with `BEGIN IMMEDIATE`,
+which takes the write lock at once: a deferred `BEGIN` would read first and
+fail with "database is locked" when it later tries to write.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import URL
+from sqlalchemy.pool import NullPool
+
+from dbtasks.config import Config
+from dbtasks.errors import ConfigError
+
+#: Oldest SQLite with RETURNING and the upsert forms the queue relies on.
+MIN_SQLITE = (3, 35, 0)
+
+#: How long a SQLite connection waits for another writer before it gives up.
+SQLITE_BUSY_TIMEOUT_MS = 5000
+
+
+def create_queue_engine(config: Config, pool_size: int = 5) -> Engine:
+    """Create the engine a worker or a command uses for its own statements."""
+    url = config.database_url
+    if config.dialect == "sqlite":
+        engine = _create_sqlite_engine(url)
+    else:
+        engine = _create_postgresql_engine(url, pool_size)
+    if config.schema:
+        engine = engine.execution_options(schema_translate_map={None: config.schema})
+    return engine
+
+
+def check_sqlite_version() -> None:
+    if sqlite3.sqlite_version_info < MIN_SQLITE:
+        raise ConfigError(
+            f"SQLite {sqlite3.sqlite_version} is too old: dbtasks needs 3.35 or newer "
+            "(for RETURNING); use a Python built against a newer SQLite"
+        )
+
+
+def _create_sqlite_engine(url: URL) -> Engine:
+    check_sqlite_version()
+    database = url.database or ""
+    if database in ("", ":memory:") or database.startswith("file:"):
+        raise ConfigError(
+            "dbtasks needs a SQLite file that workers and the application share, "
+            f"not {database or 'an in-memory database'!r}: use sqlite:///path/to/file"
+        )
+    folder = Path(database).expanduser().resolve().parent
+    if not folder.is_dir():
+        raise ConfigError(
+            f"the folder of the SQLite database {database!r} does not exist "
+            f"({folder}); create it or point --database-url elsewhere"
+        )
+
+    # NullPool: SQLite connections are cheap, and a pooled one would keep a
+    # file handle (and WAL snapshot) open between our short transactions.
+    engine = create_engine(url, poolclass=NullPool)
+    event.listen(engine, "connect", _configure_sqlite_connection)
+    event.listen(engine, "begin", _begin_immediate)
+    return engine
+
+
+def _configure_sqlite_connection(dbapi_connection: Any, record: Any) -> None:
+    # Let SQLAlchemy's "begin" event issue BEGIN itself (see _begin_immediate).
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
+    cursor.execute("PRAGMA foreign_keys = ON")
+    # WAL lets the application read while a worker writes. synchronous stays
+    # FULL, its default: a commit survives a power cut.
+    cursor.execute("PRAGMA journal_mode = WAL")
+    cursor.close()
+
+
+def _begin_immediate(connection: Any) -> None:
+    connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def _create_postgresql_engine(url: URL, pool_size: int) -> Engine:
+    connect_args = {
+        "application_name": "dbtasks",
+        "connect_timeout": 10,
+        # Keepalives let the server notice a vanished host within about a
+        # minute, instead of the kernel's default two hours.
+        "keepalives": 1,
+        "keepalives_idle": 20,
+        "keepalives_interval": 5,
+        "keepalives_count": 3,
+    }
+    return create_engine(
+        url,
+        pool_size=pool_size,
+        max_overflow=pool_size,
+        pool_pre_ping=True,
+        pool_recycle=3600,
+        connect_args=connect_args,
+    )

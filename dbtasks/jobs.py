@@ -1,0 +1,230 @@
+"""Enqueue: adding a job inside the application's own transaction.
+
+`enqueue` runs one INSERT on the caller's SQLAlchemy Session or Connection (or
+their asyncio versions) and opens no transaction of its own, so the job exists
+if and only if the caller commits. It works with whatever driver the caller's
+engine uses, on PostgreSQL and SQLite.
+
+Everything is checked before the INSERT: params (see params.py), the task
+name, `run_at`, priority and queue. A bad value raises, and nothing is written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Awaitable
+from datetime import datetime, timedelta
+from typing import Any, overload
+
+from sqlalchemy import Connection
+from sqlalchemy.orm import Session
+
+from dbtasks import queries
+from dbtasks.config import DEFAULT_QUEUE
+from dbtasks.errors import JobError, TaskNotFound
+from dbtasks.params import encode_params
+from dbtasks.tasks import (
+    DEFAULT_MAX_ATTEMPTS,
+    PRIORITY_RANGE,
+    Task,
+    declared_tasks,
+)
+
+#: How far ahead a job may be scheduled; later is almost surely a unit mistake.
+MAX_RUN_AT_AHEAD = timedelta(days=366 * 10)
+
+_UNSET: Any = object()
+
+
+@overload
+def enqueue(target: Session | Connection, task: Task | str, params: Any = ...,
+            **options: Any) -> int: ...
+@overload
+def enqueue(target: Any, task: Task | str, params: Any = ...,
+            **options: Any) -> Awaitable[int]: ...
+
+
+def enqueue(
+    target: Any,
+    task: Task | str,
+    params: Any = None,
+    *,
+    run_at: datetime | None = None,
+    priority: int | None = None,
+    queue: str | None = None,
+    idempotency_key: str | None = None,
+    max_attempts: int | None = None,
+    not_yet_deployed: bool = False,
+    schema: str | None = _UNSET,
+) -> Any:
+    """Enqueue a job in the caller's transaction and return its id.
+
+    `target` is a Session or Connection; an AsyncSession or AsyncConnection
+    gives an awaitable instead (`job_id = await enqueue(session, ...)`).
+
+    `run_at` must be timezone-aware; a past time means now. `priority` runs
+    from -100 to 100, lower first. A second enqueue with the same
+    `idempotency_key` returns the first job's id and adds nothing, so an
+    enqueue whose commit outcome is unknown can be retried. A task name that
+    neither this process nor any registered worker knows is refused, unless
+    `not_yet_deployed=True`. `schema` defaults to `DBTASKS_SCHEMA`.
+    """
+    job = _prepare(
+        task,
+        params,
+        run_at=run_at,
+        priority=priority,
+        queue=queue,
+        idempotency_key=idempotency_key,
+        max_attempts=max_attempts,
+        not_yet_deployed=not_yet_deployed,
+    )
+    if schema is _UNSET:
+        schema = os.environ.get("DBTASKS_SCHEMA") or None
+
+    if hasattr(target, "run_sync"):
+        return _enqueue_async(target, job, schema)
+    if isinstance(target, Session):
+        target = target.connection()
+    if not isinstance(target, Connection):
+        raise TypeError(
+            "enqueue() needs a SQLAlchemy Session or Connection (or their asyncio "
+            f"versions), got {type(target).__name__}"
+        )
+    return _insert(target, job, schema)
+
+
+async def _enqueue_async(target: Any, job: dict[str, Any], schema: str | None) -> int:
+    if hasattr(target, "connection") and not hasattr(target, "dialect"):
+        target = await target.connection()  # AsyncSession
+    result: int = await target.run_sync(_insert, job, schema)
+    return result
+
+
+def _prepare(
+    task: Task | str,
+    params: Any,
+    *,
+    run_at: datetime | None,
+    priority: int | None,
+    queue: str | None,
+    idempotency_key: str | None,
+    max_attempts: int | None,
+    not_yet_deployed: bool,
+) -> dict[str, Any]:
+    """Check every argument and return the INSERT's parameters."""
+    known = _resolve(task)
+    name = task.name if isinstance(task, Task) else task
+    if not isinstance(name, str) or not name:
+        raise JobError(f"the task must be a Task or a task name, got {task!r}")
+
+    defaults = known or Task(name=name, fn=lambda *_: None)
+    return {
+        "task": name,
+        "params": encode_params(params),
+        "run_at": _check_run_at(run_at),
+        "priority": _check_priority(defaults.priority if priority is None else priority),
+        "queue": _check_queue(defaults.queue if queue is None else queue),
+        "idempotency_key": _check_key(idempotency_key),
+        "max_attempts": _check_attempts(
+            defaults.max_attempts if max_attempts is None else max_attempts
+        ),
+        "_check_name": known is None and not not_yet_deployed,
+    }
+
+
+def _resolve(task: Task | str) -> Task | None:
+    if isinstance(task, Task):
+        return task
+    return declared_tasks.get(task) if isinstance(task, str) else None
+
+
+def _check_run_at(run_at: datetime | None) -> datetime | None:
+    if run_at is None:
+        return None
+    if not isinstance(run_at, datetime):
+        raise JobError(f"run_at must be a datetime, got {type(run_at).__name__}")
+    if run_at.tzinfo is None or run_at.utcoffset() is None:
+        raise JobError(
+            f"run_at {run_at.isoformat()} is naive; pass a timezone-aware datetime, "
+            "for example datetime.now(timezone.utc) + timedelta(minutes=5)"
+        )
+    if run_at - datetime.now(run_at.tzinfo) > MAX_RUN_AT_AHEAD:
+        # A sanity bound against unit mistakes; the database clock decides the
+        # actual due time, so a local clock is good enough here.
+        raise JobError(
+            f"run_at {run_at.isoformat()} is more than 10 years ahead; check the "
+            "units of the delay"
+        )
+    return run_at
+
+
+def _check_priority(priority: Any) -> int:
+    if isinstance(priority, bool) or not isinstance(priority, int):
+        raise JobError(f"priority must be an integer, got {priority!r}")
+    if priority not in PRIORITY_RANGE:
+        raise JobError(
+            f"priority {priority} is out of range: use -100 to 100 (lower runs first)"
+        )
+    return priority
+
+
+def _check_queue(queue: Any) -> str:
+    if not isinstance(queue, str) or not 1 <= len(queue) <= 100:
+        raise JobError(f"queue must be a name of 1 to 100 characters, got {queue!r}")
+    return queue
+
+
+def _check_key(key: Any) -> str | None:
+    if key is None:
+        return None
+    if not isinstance(key, str) or not 1 <= len(key) <= 200 or "\x00" in key:
+        raise JobError(
+            "idempotency_key must be a string of 1 to 200 characters without NUL, "
+            f"got {key!r:.80}"
+        )
+    return key
+
+
+def _check_attempts(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise JobError(f"max_attempts must be an integer of 1 or more, got {value!r}")
+    return value
+
+
+def _insert(conn: Connection, job: dict[str, Any], schema: str | None) -> int:
+    if schema:
+        conn = conn.execution_options(schema_translate_map={None: schema})
+    if job["_check_name"]:
+        _check_registered(conn, job["task"])
+
+    dialect = conn.dialect.name
+    statement = queries.insert_job(
+        dialect,
+        with_run_at=job["run_at"] is not None,
+        idempotent=job["idempotency_key"] is not None,
+    )
+    values = {key: value for key, value in job.items() if not key.startswith("_")}
+    job_id = conn.execute(statement, values).scalar()
+    if job_id is None:
+        # The idempotency key exists: return that job.
+        job_id = conn.execute(
+            queries.job_id_by_idempotency_key,
+            {"idempotency_key": job["idempotency_key"]},
+        ).scalar_one()
+    return int(job_id)
+
+
+def _check_registered(conn: Connection, name: str) -> None:
+    for (tasks,) in conn.execute(queries.registered_tasks):
+        if name in json.loads(tasks):
+            return
+    raise TaskNotFound(
+        f"no task named {name!r} is loaded in this process or registered by any "
+        "worker; check the name, import the module that defines it, or pass "
+        "not_yet_deployed=True if a worker with it is still to be deployed"
+    )
+
+
+__all__ = ["enqueue", "DEFAULT_QUEUE", "DEFAULT_MAX_ATTEMPTS"]

@@ -1,0 +1,199 @@
+"""Heartbeats, lease renewal, and the rescue of jobs whose lease expired.
+
+A worker's `Heartbeat` thread renews, every `lease_seconds / 3`, its node's
+heartbeat and the lease of every job it runs. It runs on its own thread and
+connection, so slow tasks or a busy loop never delay it.
+
+Rescue is done by every worker, at every maintenance tick:
+
+- a running `any` job whose lease expired (its worker died, froze, or lost the
+  database for longer than a lease) is queued again at once, its attempt
+  spent, or failed if it has no attempts left, so a job that keeps killing
+  its worker ends failed rather than looping;
+- a node whose heartbeat expired, or that stopped, is dropped from the set of
+  every `all` job it had not finished, so a dead node never holds one open.
+
+A rescued job's old worker, if it wakes, can record nothing: its token no
+longer matches (outcomes.record).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from sqlalchemy import Connection, Engine
+from sqlalchemy.exc import DBAPIError
+
+from dbtasks import queries
+from dbtasks.claim import ClaimedJob, _completion_jobs
+from dbtasks.outcomes import FAILED, RETRY, Outcome, finish_all_job, record
+
+logger = logging.getLogger(__name__)
+
+#: Jobs rescued per statement; a larger backlog is taken over several ticks.
+RESCUE_BATCH = 100
+
+_EXPIRED = "lease expired: the worker running this job died, froze or lost the database"
+
+
+class Heartbeat(threading.Thread):
+    """Renews the node's heartbeat and its jobs' leases until stopped."""
+
+    def __init__(self, engine: Engine, node: str, lease: float, interval: float):
+        super().__init__(name="dbtasks-heartbeat", daemon=True)
+        self._engine = engine
+        self._node = node
+        self._lease = lease
+        self._interval = interval
+        self._stopped = threading.Event()
+        self._failing = False
+
+    def run(self) -> None:
+        while not self._stopped.wait(self._interval):
+            self.beat()
+
+    def beat(self) -> None:
+        params = {"node_name": self._node, "lease": self._lease}
+        try:
+            with self._engine.begin() as conn:
+                conn.execute(queries.beat_node, params)
+                conn.execute(queries.renew_job_leases, params)
+                conn.execute(queries.renew_completion_leases, params)
+        except DBAPIError as exc:
+            # Logged once per outage; the leases run out if it lasts.
+            if not self._failing:
+                logger.warning(
+                    "heartbeat failed, retrying: %s",
+                    exc.orig,
+                    extra={"event": "lease.heartbeat_failed", "node": self._node},
+                )
+            self._failing = True
+            return
+        if self._failing:
+            logger.info("heartbeat restored", extra={"event": "lease.heartbeat_restored"})
+        self._failing = False
+        logger.debug("heartbeat", extra={"event": "lease.heartbeat", "node": self._node})
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+
+def rescue_expired_jobs(conn: Connection) -> int:
+    """Queue again (or fail) running jobs whose lease expired; return how many."""
+    rows = conn.execute(
+        queries.expired_jobs, {"limit": RESCUE_BATCH}
+    ).all()
+    for row in rows:
+        job = ClaimedJob(
+            id=row.id,
+            task=row.task,
+            queue=row.queue,
+            params="",
+            attempt=row.attempt,
+            max_attempts=row.max_attempts,
+            priority=row.priority,
+            schedule=row.schedule,
+            token=row.lease_token,
+        )
+        kind = RETRY if job.attempt < job.max_attempts else FAILED
+        record(conn, job, Outcome(kind, error=_EXPIRED))
+        logger.warning(
+            "rescued job %s (%s) from node %s: %s",
+            job.id,
+            job.task,
+            row.lease_owner,
+            "queued again" if kind == RETRY else "no attempts left, failed",
+            extra={
+                "event": "lease.rescued",
+                "job_id": job.id,
+                "task": job.task,
+                "attempt": job.attempt,
+                "node": row.lease_owner,
+            },
+        )
+    return len(rows)
+
+
+def rescue_jobs_of_node(conn: Connection, node: str) -> int:
+    """Rescue every job a dead holder of this node name was running."""
+    rows = conn.execute(queries.jobs_owned_by, {"node_name": node}).all()
+    for row in rows:
+        job = ClaimedJob(
+            id=row.id,
+            task=row.task,
+            queue=row.queue,
+            params="",
+            attempt=row.attempt,
+            max_attempts=row.max_attempts,
+            priority=row.priority,
+            schedule=row.schedule,
+            token=row.lease_token,
+        )
+        kind = RETRY if job.attempt < job.max_attempts else FAILED
+        record(conn, job, Outcome(kind, error=_EXPIRED))
+    drop_node(conn, node)
+    return len(rows)
+
+
+def rescue_expired_completions(conn: Connection) -> int:
+    """Retry (or fail) runs of `all` jobs whose lease expired on a live node."""
+    rows = conn.execute(queries.expired_completions, {"limit": RESCUE_BATCH}).all()
+    if not rows:
+        return 0
+    details = {
+        row.id: row
+        for row in conn.execute(_completion_jobs, {"ids": [r.job_id for r in rows]})
+    }
+    for row in rows:
+        parent = details[row.job_id]
+        job = ClaimedJob(
+            id=row.job_id,
+            task=parent.task,
+            queue=parent.queue,
+            params="",
+            attempt=row.attempt,
+            max_attempts=parent.max_attempts,
+            priority=parent.priority,
+            schedule=parent.schedule,
+            token=row.lease_token,
+            node=row.node,
+        )
+        kind = RETRY if job.attempt < job.max_attempts else FAILED
+        record(conn, job, Outcome(kind, error=_EXPIRED))
+    return len(rows)
+
+
+def drop_dead_nodes(conn: Connection, node_timeout: float) -> int:
+    """Drop dead and stopped nodes from open `all` jobs; finish those now done."""
+    dropped = conn.execute(
+        queries.drop_completions_of_dead_nodes, {"node_timeout": node_timeout}
+    ).all()
+    _finish_after_drop(conn, dropped)
+    return len(dropped)
+
+
+def drop_node(conn: Connection, node: str) -> None:
+    """Drop one node (this one, stopping) from the open `all` jobs."""
+    dropped = conn.execute(queries.drop_completions_of_node, {"node_name": node}).all()
+    _finish_after_drop(conn, dropped)
+
+
+def _finish_after_drop(conn: Connection, dropped: list) -> None:
+    for job_id in sorted({row.job_id for row in dropped}):
+        conn.execute(queries.lock_job, {"job_id": job_id})
+        finish_all_job(conn, job_id)
+        logger.info(
+            "dropped dead or stopped nodes from all job %s",
+            job_id,
+            extra={"event": "lease.nodes_dropped", "job_id": job_id},
+        )
+
+
+def finish_stranded_all_jobs(conn: Connection) -> int:
+    """Finish `all` jobs whose nodes are all done but that were left running."""
+    ids = conn.execute(queries.stranded_all_jobs).scalars().all()
+    for job_id in ids:
+        conn.execute(queries.lock_job, {"job_id": job_id})
+        finish_all_job(conn, job_id)
+    return len(ids)

@@ -1,0 +1,107 @@
+"""Alembic wiring: where the migrations are, upgrading, and the revision check.
+
+The migrations stand in `migrations/` at the top of the repository and travel
+inside the wheel as `dbtasks/_migrations`; both places are tried, so
+`dbtasks migrate` works from a checkout and from an installed package alike.
+Their history is kept in `dbtasks_alembic_version`, apart from the
+application's own `alembic_version`.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config as AlembicConfig
+from alembic.script import ScriptDirectory
+from sqlalchemy import Connection, Engine, inspect, select, table, column
+from sqlalchemy.exc import SQLAlchemyError
+
+from dbtasks.errors import DatabaseError, SchemaError
+from dbtasks.schema import VERSION_TABLE
+
+logger = logging.getLogger(__name__)
+
+_PACKAGE = Path(__file__).resolve().parent
+
+
+def migrations_folder() -> Path:
+    """The folder holding env.py: inside the package if installed, else the
+    checkout's top-level `migrations/`."""
+    for candidate in (_PACKAGE / "_migrations", _PACKAGE.parent / "migrations"):
+        if (candidate / "env.py").is_file():
+            return candidate
+    raise SchemaError(
+        f"dbtasks' migrations are missing: neither {_PACKAGE / '_migrations'} nor "
+        f"{_PACKAGE.parent / 'migrations'} holds env.py; reinstall dbtasks"
+    )
+
+
+def alembic_config(connection: Connection | None = None, schema: str | None = None
+                   ) -> AlembicConfig:
+    config = AlembicConfig()
+    config.set_main_option("script_location", str(migrations_folder()))
+    config.attributes["connection"] = connection
+    config.attributes["schema"] = schema
+    return config
+
+
+def head_revision() -> str:
+    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+    assert head is not None, "dbtasks ships at least one migration"
+    return head
+
+
+def upgrade(engine: Engine, schema: str | None, revision: str = "head") -> None:
+    """Create or upgrade dbtasks' tables to `revision`."""
+    with engine.connect() as connection:
+        before = current_revision(connection, schema)
+        # Alembic joins a transaction already begun instead of committing its
+        # own, so end the one the read above began, and commit at the end.
+        connection.rollback()
+        command.upgrade(alembic_config(connection, schema), revision)
+        connection.commit()
+        after = current_revision(connection, schema)
+    if before == after:
+        logger.info("schema already at revision %s", after)
+    else:
+        logger.info("schema upgraded from %s to %s", before or "empty", after)
+
+
+def current_revision(connection: Connection, schema: str | None) -> str | None:
+    """The revision recorded in dbtasks' version table, or None if there is none."""
+    if not inspect(connection).has_table(VERSION_TABLE, schema=schema):
+        return None
+    version = table(VERSION_TABLE, column("version_num"), schema=schema)
+    return connection.execute(select(version.c.version_num)).scalar()
+
+
+def require_current_schema(engine: Engine, schema: str | None) -> None:
+    """Refuse to run against a schema that is missing or not at this code's head."""
+    try:
+        with engine.connect() as connection:
+            current = current_revision(connection, schema)
+    except SQLAlchemyError as exc:
+        raise DatabaseError(f"cannot read the schema revision: {exc}") from exc
+
+    head = head_revision()
+    if current == head:
+        return
+    if current is None:
+        raise SchemaError(
+            "the database has no dbtasks tables yet: run `dbtasks migrate` "
+            "(with the same --database-url) before starting workers"
+        )
+    known = {script.revision for script in ScriptDirectory.from_config(
+        alembic_config()).walk_revisions()}
+    if current in known:
+        raise SchemaError(
+            f"the database's dbtasks schema is at revision {current}, older than "
+            f"this code's {head}: run `dbtasks migrate` to upgrade it"
+        )
+    raise SchemaError(
+        f"the database's dbtasks schema is at revision {current}, which this "
+        f"version of dbtasks (head {head}) does not know: it was migrated by a "
+        "newer dbtasks; upgrade dbtasks on this machine"
+    )

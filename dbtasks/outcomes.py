@@ -1,0 +1,143 @@
+"""Recording what happened to a job, fenced by its lease.
+
+A run ends in one `Outcome`: succeeded, retry (queued again after a delay),
+failed, cancelled, or handed back (unfinished at shutdown, attempt returned).
+`record` writes it in the caller's transaction, and only if the worker still
+holds the job's lease token: a worker that lost its lease records nothing.
+
+When a periodic job ends for good, the next job of its series is enqueued in
+the same transaction, at now + the schedule's frequency.
+"""
+
+from __future__ import annotations
+
+import random
+import traceback
+from dataclasses import dataclass
+
+from sqlalchemy import Connection
+
+from dbtasks import queries
+from dbtasks.claim import ClaimedJob
+from dbtasks.errors import Cancel, Retry
+from dbtasks.schema import CompletionState, JobState
+
+#: First retry delay in seconds; each further attempt doubles it.
+BACKOFF_BASE = 2.0
+
+#: Longest retry delay in seconds.
+BACKOFF_CAP = 3600.0
+
+SUCCEEDED = JobState.SUCCEEDED.value
+FAILED = JobState.FAILED.value
+CANCELLED = JobState.CANCELLED.value
+RETRY = "retry"
+HANDED_BACK = "handed_back"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How a run ended. `delay` is in seconds and only used by a retry."""
+
+    kind: str
+    error: str | None = None
+    delay: float = 0.0
+
+    @property
+    def is_final(self) -> bool:
+        return self.kind in (SUCCEEDED, FAILED, CANCELLED)
+
+
+def retry_delay(attempt: int) -> float:
+    """Exponential backoff with jitter: about 2, 4, 8 ... seconds, capped.
+
+    The delay is drawn from the upper half of the range, so retries of many
+    jobs that failed together spread out without any one retrying at once.
+    """
+    ceiling = min(BACKOFF_CAP, BACKOFF_BASE * 2 ** (attempt - 1))
+    return random.uniform(ceiling / 2, ceiling)
+
+
+def classify(job: ClaimedJob, error: BaseException | None) -> Outcome:
+    """Turn the end of a run (an exception or None) into an Outcome."""
+    if error is None:
+        return Outcome(SUCCEEDED)
+    if isinstance(error, Cancel):
+        return Outcome(CANCELLED, error=error.reason or str(error))
+
+    text = describe(error)
+    if job.attempt >= job.max_attempts:
+        return Outcome(FAILED, error=text)
+    if isinstance(error, Retry) and error.delay is not None:
+        return Outcome(RETRY, error=text, delay=error.delay)
+    return Outcome(RETRY, error=text, delay=retry_delay(job.attempt))
+
+
+def describe(error: BaseException) -> str:
+    """The error and its traceback, as kept in the job's last_error."""
+    return "".join(traceback.format_exception(error)).rstrip()
+
+
+def record(conn: Connection, job: ClaimedJob, outcome: Outcome) -> bool:
+    """Record an outcome in the caller's transaction; False if the lease is lost."""
+    if job.is_completion:
+        return _record_completion(conn, job, outcome)
+
+    fence = {"job_id": job.id, "token": job.token}
+    if outcome.kind == RETRY:
+        values = {**fence, "delay": outcome.delay, "error": outcome.error}
+        return conn.execute(queries.retry_job, values).first() is not None
+    if outcome.kind == HANDED_BACK:
+        return conn.execute(queries.hand_back_job, fence).first() is not None
+
+    values = {**fence, "state": outcome.kind, "error": outcome.error}
+    finished = conn.execute(queries.finish_job, values).first()
+    if finished is None:
+        return False
+    if finished.schedule is not None:
+        continue_series(conn, job.id, finished.schedule)
+    return True
+
+
+def _record_completion(conn: Connection, job: ClaimedJob, outcome: Outcome) -> bool:
+    # Lock the job's row before touching its completions; see queries.lock_job.
+    conn.execute(queries.lock_job, {"job_id": job.id})
+    fence = {"completion_job": job.id, "node_name": job.node, "token": job.token}
+
+    if outcome.kind == RETRY:
+        values = {**fence, "delay": outcome.delay, "error": outcome.error}
+        return conn.execute(queries.retry_completion, values).first() is not None
+    if outcome.kind == HANDED_BACK:
+        return conn.execute(queries.hand_back_completion, fence).first() is not None
+
+    values = {**fence, "state": outcome.kind, "error": outcome.error}
+    if conn.execute(queries.finish_completion, values).first() is None:
+        return False
+    finish_all_job(conn, job.id)
+    return True
+
+
+def finish_all_job(conn: Connection, job_id: int) -> bool:
+    """Finish an `all` job if no node has a run open; continue its series.
+
+    The caller holds the job's row lock (queries.lock_job).
+    """
+    finished = conn.execute(queries.finish_all_job, {"job_id": job_id}).first()
+    if finished is None:
+        return False
+    if finished.schedule is not None:
+        continue_series(conn, job_id, finished.schedule)
+    return True
+
+
+def continue_series(conn: Connection, job_id: int, schedule: str) -> None:
+    """Enqueue the next job of a periodic series after `job_id` ended."""
+    conn.execute(queries.enqueue_next_in_series(conn.dialect.name), {"job_id": job_id})
+    conn.execute(queries.mark_schedule_run, {"schedule_task": schedule})
+
+
+COMPLETION_FINAL = (
+    CompletionState.SUCCEEDED.value,
+    CompletionState.FAILED.value,
+    CompletionState.CANCELLED.value,
+)

@@ -1,0 +1,201 @@
+"""The queue's tables, defined once as SQLAlchemy Core `Table` objects.
+
+Every table is prefixed `dbtasks_` so it never collides with the application's.
+On PostgreSQL the tables may live in a schema of their own: they are defined
+here without one, and `schema_translate_map` places them at run time.
+
+The migrations under `migrations/versions/` are written by hand; a test checks
+that upgrading an empty database gives exactly these tables.
+"""
+
+from __future__ import annotations
+
+import enum
+
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    Column,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    SmallInteger,
+    String,
+    Table,
+    Text,
+    text,
+)
+
+from dbtasks.clock import UtcDateTime
+
+PREFIX = "dbtasks_"
+
+#: Alembic's version table for dbtasks, apart from the application's own.
+VERSION_TABLE = "dbtasks_alembic_version"
+
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "ck": "ck_%(table_name)s_%(constraint_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+
+class JobState(str, enum.Enum):
+    """Where a job stands. The same words are used in SQL, logs and docs."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class CompletionState(str, enum.Enum):
+    """Where one node's run of an `all` job stands.
+
+    `dropped` means the node died or stopped before it ran the job, so it no
+    longer holds the job open.
+    """
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    DROPPED = "dropped"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+FINISHED_STATES = (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
+
+
+def _in_list(column: str, states: tuple[enum.Enum, ...]) -> str:
+    values = ", ".join(f"'{state.value}'" for state in states)
+    return f"{column} IN ({values})"
+
+
+# The id is a rowid alias on SQLite (Integer primary key) and a bigint identity
+# on PostgreSQL.
+_id_type = BigInteger().with_variant(Integer(), "sqlite")
+
+jobs = Table(
+    f"{PREFIX}jobs",
+    metadata,
+    Column("id", _id_type, primary_key=True, autoincrement=True),
+    Column("task", String(200), nullable=False),
+    Column("queue", String(100), nullable=False, server_default="default"),
+    Column("params", Text, nullable=False, server_default="{}"),
+    Column("state", String(16), nullable=False, server_default="queued"),
+    Column("priority", SmallInteger, nullable=False, server_default="0"),
+    Column("run_at", UtcDateTime, nullable=False),
+    Column("attempt", Integer, nullable=False, server_default="0"),
+    Column("max_attempts", Integer, nullable=False),
+    Column("lease_owner", String(200)),
+    Column("lease_token", String(32)),
+    Column("lease_expires_at", UtcDateTime),
+    # The task name of the periodic series this job belongs to, if any.
+    Column("schedule", String(200)),
+    Column("idempotency_key", String(200)),
+    Column("created_at", UtcDateTime, nullable=False),
+    Column("started_at", UtcDateTime),
+    Column("finished_at", UtcDateTime),
+    Column("last_error", Text),
+    CheckConstraint(_in_list("state", tuple(JobState)), name="state"),
+    CheckConstraint("attempt >= 0", name="attempt"),
+    CheckConstraint("max_attempts >= 1", name="max_attempts"),
+    Index(
+        "uq_dbtasks_jobs_idempotency_key",
+        "idempotency_key",
+        unique=True,
+    ),
+    # The claim reads this index in order: queued jobs by queue, then priority,
+    # then due time. Finished jobs stay out of it, so history does not slow it.
+    Index(
+        "ix_dbtasks_jobs_due",
+        "queue",
+        "priority",
+        "run_at",
+        "id",
+        postgresql_where=text("state = 'queued'"),
+        sqlite_where=text("state = 'queued'"),
+    ),
+    Index(
+        "ix_dbtasks_jobs_lease",
+        "lease_expires_at",
+        postgresql_where=text("state = 'running'"),
+        sqlite_where=text("state = 'running'"),
+    ),
+    # At most one queued-or-running job per periodic series, by construction.
+    Index(
+        "uq_dbtasks_jobs_series",
+        "schedule",
+        unique=True,
+        postgresql_where=text("state IN ('queued', 'running')"),
+        sqlite_where=text("state IN ('queued', 'running')"),
+    ),
+    Index(
+        "ix_dbtasks_jobs_finished",
+        "finished_at",
+        postgresql_where=text(_in_list("state", FINISHED_STATES)),
+        sqlite_where=text(_in_list("state", FINISHED_STATES)),
+    ),
+)
+
+completions = Table(
+    f"{PREFIX}completions",
+    metadata,
+    Column(
+        "job_id",
+        _id_type,
+        ForeignKey(f"{PREFIX}jobs.id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    Column("node", String(200), primary_key=True),
+    Column("state", String(16), nullable=False, server_default="queued"),
+    Column("run_at", UtcDateTime, nullable=False),
+    Column("attempt", Integer, nullable=False, server_default="0"),
+    Column("lease_token", String(32)),
+    Column("lease_expires_at", UtcDateTime),
+    Column("started_at", UtcDateTime),
+    Column("finished_at", UtcDateTime),
+    Column("last_error", Text),
+    CheckConstraint(_in_list("state", tuple(CompletionState)), name="state"),
+    Index("ix_dbtasks_completions_node_state", "node", "state", "run_at"),
+)
+
+schedules = Table(
+    f"{PREFIX}schedules",
+    metadata,
+    Column("task", String(200), primary_key=True),
+    Column("frequency", Float, nullable=False),
+    Column("next_run_at", UtcDateTime, nullable=False),
+    Column("created_at", UtcDateTime, nullable=False),
+    Column("updated_at", UtcDateTime, nullable=False),
+    CheckConstraint("frequency > 0", name="frequency"),
+)
+
+nodes = Table(
+    f"{PREFIX}nodes",
+    metadata,
+    Column("name", String(200), primary_key=True),
+    Column("hostname", String(255), nullable=False),
+    Column("pid", Integer, nullable=False),
+    # JSON object of the tasks this node runs: {"task name": "any" | "all"}.
+    Column("tasks", Text, nullable=False),
+    # JSON list of the queues this node serves.
+    Column("queues", Text, nullable=False),
+    Column("registered_at", UtcDateTime, nullable=False),
+    Column("heartbeat_at", UtcDateTime, nullable=False),
+    Column("stopped_at", UtcDateTime),
+)

@@ -1,0 +1,373 @@
+"""Tasks: the `@task` decorator, the registry, and loading an application's tasks/.
+
+A task is a plain function or an `async def` coroutine function that takes a
+job's params and a `JobContext`. The decorator validates its settings at once,
+so a bad task fails at import with the file and the problem named.
+
+`load_tasks(path)` imports the folder as a package named after it, so that
+relative imports inside it work, and a module the application already imported
+under that name is not imported a second time. A folder that cannot be loaded
+whole raises `TaskError`: a worker never runs with half of its tasks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import importlib.util
+import inspect
+import logging
+import math
+import pkgutil
+import sys
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from dbtasks.errors import ConfigError, DuplicateTask, TaskError, TaskNotFound
+
+logger = logging.getLogger(__name__)
+
+#: Attempts a job gets unless its task says otherwise.
+DEFAULT_MAX_ATTEMPTS = 5
+
+#: Seconds a job may run unless its task says otherwise; None means no limit.
+DEFAULT_TIMEOUT = 30 * 60.0
+
+SCOPES = ("any", "all")
+
+#: Every task this process has declared, by name (the latest declaration
+#: wins). `enqueue` reads it to fill in a task's defaults from its name.
+declared_tasks: dict[str, Task] = {}
+
+
+@dataclass(frozen=True)
+class JobContext:
+    """What a running task knows about its job.
+
+    `job_id` is None when the task runs inline. `attempt` counts from 1.
+    """
+
+    job_id: int | None
+    task: str
+    attempt: int
+    node: str
+    logger: logging.Logger
+    queue: str = "default"
+    _transaction: Callable[[], Any] | None = field(default=None, repr=False)
+
+    def transaction(self) -> Any:
+        """Open the transaction in which this job will be recorded as succeeded.
+
+        Rows the task writes on the connection this yields commit together with
+        the job's success, or not at all: if the worker lost the job's lease,
+        the whole transaction rolls back and `LeaseLost` is raised. Use it once,
+        as the last thing the task does. Inline runs get a plain transaction
+        on the queue's database.
+        """
+        if self._transaction is None:
+            raise TaskError(
+                "context.transaction() needs a worker or an inline run given an "
+                "engine; this job has no database"
+            )
+        return self._transaction()
+
+
+@dataclass(frozen=True)
+class Task:
+    """A registered function, with the settings that govern its jobs."""
+
+    name: str
+    fn: Callable[..., Any]
+    description: str = ""
+    scope: str = "any"
+    frequency: float = 0.0
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    timeout: float | None = DEFAULT_TIMEOUT
+    queue: str = "default"
+    priority: int = 0
+
+    @property
+    def is_async(self) -> bool:
+        return inspect.iscoroutinefunction(self.fn)
+
+    @property
+    def is_periodic(self) -> bool:
+        return self.frequency > 0
+
+    def __call__(self, params: Any = None, context: JobContext | None = None) -> Any:
+        """Call the function directly, as `run_inline` does."""
+        return run_inline(self, params, context=context)
+
+
+def task(
+    name: str | None = None,
+    *,
+    description: str | None = None,
+    scope: str = "any",
+    frequency: float | timedelta = 0,
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+    timeout: float | timedelta | None = DEFAULT_TIMEOUT,
+    queue: str = "default",
+    priority: int = 0,
+) -> Callable[[Callable[..., Any]], Task]:
+    """Declare a task: `@task(scope="all", frequency=60)` above a function.
+
+    `name` defaults to the function's name and `description` to the first line
+    of its docstring. `frequency` (seconds or a timedelta) makes the task
+    periodic; 0 runs it only when enqueued. `timeout` (seconds, or None for no
+    limit) stops a run that takes too long and counts it as a failed attempt.
+    """
+
+    def decorate(fn: Callable[..., Any]) -> Task:
+        where = _where(fn)
+        if not callable(fn):
+            raise TaskError(f"{where}: @task must decorate a function, not {fn!r}")
+        declared = Task(
+            name=_check_name(name if name is not None else fn.__name__, where),
+            fn=fn,
+            description=description if description is not None else _summary(fn),
+            scope=_check_scope(scope, where),
+            frequency=_check_seconds("frequency", frequency, where, zero_ok=True),
+            max_attempts=_check_attempts(max_attempts, where),
+            timeout=None
+            if timeout is None
+            else _check_seconds("timeout", timeout, where, zero_ok=False),
+            queue=_check_name(queue, where, what="queue"),
+            priority=_check_priority(priority, where),
+        )
+        declared_tasks[declared.name] = declared
+        return declared
+
+    return decorate
+
+
+def _where(fn: Any) -> str:
+    code = getattr(fn, "__code__", None)
+    if code is None:
+        return f"task {getattr(fn, '__name__', fn)!r}"
+    return f"{code.co_filename}:{code.co_firstlineno}"
+
+
+def _summary(fn: Callable[..., Any]) -> str:
+    doc = inspect.getdoc(fn) or ""
+    return doc.strip().splitlines()[0] if doc.strip() else ""
+
+
+def _check_name(value: Any, where: str, what: str = "task name") -> str:
+    if not isinstance(value, str) or not value.strip() or len(value) > 200:
+        raise TaskError(f"{where}: {what} must be 1 to 200 characters, got {value!r}")
+    if value != value.strip() or any(ord(char) < 32 for char in value):
+        raise TaskError(
+            f"{where}: {what} {value!r} has surrounding spaces or control characters"
+        )
+    return value
+
+
+def _check_scope(value: Any, where: str) -> str:
+    if value not in SCOPES:
+        raise TaskError(
+            f"{where}: scope must be 'any' (one node runs each job) or 'all' "
+            f"(every live node runs it), got {value!r}"
+        )
+    return str(value)
+
+
+def _check_seconds(what: str, value: Any, where: str, zero_ok: bool) -> float:
+    if isinstance(value, timedelta):
+        value = value.total_seconds()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TaskError(
+            f"{where}: {what} must be a number of seconds or a timedelta, "
+            f"got {value!r}"
+        )
+    smallest = "0 or more" if zero_ok else "more than 0"
+    if not math.isfinite(value) or value < 0 or (value == 0 and not zero_ok):
+        raise TaskError(f"{where}: {what} must be {smallest} seconds, got {value!r}")
+    return float(value)
+
+
+def _check_attempts(value: Any, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise TaskError(f"{where}: max_attempts must be an integer of 1 or more")
+    return value
+
+
+PRIORITY_RANGE = range(-100, 101)
+
+
+def _check_priority(value: Any, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TaskError(f"{where}: priority must be an integer, got {value!r}")
+    if value not in PRIORITY_RANGE:
+        raise TaskError(f"{where}: priority must be -100 to 100, got {value}")
+    return value
+
+
+class Registry:
+    """The tasks one process knows, by name."""
+
+    def __init__(self, tasks: Iterable[Task] = ()):
+        self._tasks: dict[str, Task] = {}
+        self._origins: dict[str, str] = {}
+        for each in tasks:
+            self.add(each)
+
+    def add(self, new: Task, origin: str | None = None) -> None:
+        """Register a task; the same object twice is fine, a second one is not."""
+        origin = origin or _where(new.fn)
+        known = self._tasks.get(new.name)
+        if known is new:
+            return
+        if known is not None:
+            raise DuplicateTask(
+                f"task name {new.name!r} is defined twice: in {self._origins[new.name]}"
+                f" and in {origin}; rename one of them"
+            )
+        self._tasks[new.name] = new
+        self._origins[new.name] = origin
+
+    def get(self, name: str) -> Task:
+        try:
+            return self._tasks[name]
+        except KeyError:
+            raise TaskNotFound(f"no task named {name!r} is loaded") from None
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._tasks
+
+    def __iter__(self) -> Iterator[Task]:
+        return iter(self._tasks.values())
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    def names(self, scope: str | None = None) -> list[str]:
+        return sorted(t.name for t in self if scope is None or t.scope == scope)
+
+    def periodic(self) -> list[Task]:
+        return [t for t in self if t.is_periodic]
+
+
+def load_tasks(path: str | Path) -> Registry:
+    """Import every module of a tasks folder and register the tasks they define.
+
+    Raises ConfigError for a missing folder and TaskError, naming the file, for
+    a module that fails to import or defines a bad or duplicate task.
+    """
+    folder = Path(path).expanduser().resolve()
+    if not folder.is_dir():
+        raise ConfigError(
+            f"the tasks folder {folder} does not exist; create it, or point "
+            "--tasks / DBTASKS_TASKS at the folder that holds your task modules"
+        )
+
+    package = _import_package(folder)
+    registry = Registry()
+    for module in _import_modules(package, folder):
+        for value in vars(module).values():
+            if isinstance(value, Task):
+                registry.add(value, origin=module.__file__)
+    logger.debug("loaded %d tasks from %s", len(registry), folder)
+    return registry
+
+
+def _import_package(folder: Path) -> ModuleType:
+    name = folder.name
+    if not name.isidentifier():
+        raise ConfigError(
+            f"the tasks folder name {name!r} is not a Python identifier, so it cannot "
+            "be imported as a package; rename it (for example to tasks)"
+        )
+
+    existing = sys.modules.get(name)
+    if existing is not None:
+        locations = [Path(p).resolve() for p in getattr(existing, "__path__", [])]
+        if folder in locations:
+            return existing
+        raise ConfigError(
+            f"cannot import the tasks folder {folder} as package {name!r}: a module "
+            f"of that name is already imported from {existing.__file__}; rename "
+            "the folder"
+        )
+
+    init = folder / "__init__.py"
+    spec = importlib.util.spec_from_file_location(
+        name,
+        init if init.exists() else None,
+        submodule_search_locations=[str(folder)],
+    )
+    if spec is None or (spec.loader is None and init.exists()):
+        raise ConfigError(f"cannot import the tasks folder {folder}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        if spec.loader is not None:
+            spec.loader.exec_module(module)
+    except BaseException as exc:
+        del sys.modules[name]
+        raise _import_error(init, exc) from exc
+    return module
+
+
+def _import_modules(package: ModuleType, folder: Path) -> list[ModuleType]:
+    modules = [package]
+    names = sorted(
+        info.name
+        for info in pkgutil.walk_packages([str(folder)], prefix=f"{package.__name__}.")
+    )
+    for name in names:
+        try:
+            modules.append(importlib.import_module(name))
+        except BaseException as exc:
+            file = folder.joinpath(*name.split(".")[1:])
+            source = file / "__init__.py" if file.is_dir() else file.with_suffix(".py")
+            raise _import_error(source, exc) from exc
+    return modules
+
+
+def _import_error(source: Path, exc: BaseException) -> TaskError:
+    if isinstance(exc, TaskError):
+        return type(exc)(f"{exc} (while importing {source})")
+    if isinstance(exc, SyntaxError):
+        return TaskError(
+            f"{exc.filename}:{exc.lineno}: syntax error in a task module: {exc.msg}"
+        )
+    return TaskError(
+        f"{source}: the task module failed to import: {type(exc).__name__}: {exc}"
+    )
+
+
+def run_inline(
+    task_or_fn: Task,
+    params: Any = None,
+    *,
+    context: JobContext | None = None,
+) -> Any:
+    """Run a task now, in this process, without the database; return its result.
+
+    A coroutine task is run with `asyncio.run`, so call this outside an event
+    loop; inside one, `await task.fn(params, context)` instead.
+    """
+    if context is None:
+        context = JobContext(
+            job_id=None,
+            task=task_or_fn.name,
+            attempt=1,
+            node="inline",
+            logger=logging.getLogger(f"dbtasks.task.{task_or_fn.name}"),
+        )
+    params = {} if params is None else params
+    if task_or_fn.is_async:
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return asyncio.run(task_or_fn.fn(params, context))
+        raise TaskError(
+            f"task {task_or_fn.name!r} is async and an event loop is running: "
+            "await task.fn(params, context) instead of run_inline"
+        )
+    return task_or_fn.fn(params, context)

@@ -1,0 +1,1 @@
+"""The example application's tasks, found by `dbtasks worker` (see README)."""
