@@ -74,7 +74,7 @@ def insert_job(dialect: str, *, with_run_at: bool, idempotent: bool) -> Insert:
     )
     statement = _insert(dialect)(jobs).values(
         task=bindparam("task"),
-        queue=bindparam("series_queue"),
+        queue=bindparam("queue"),
         params=bindparam("params"),
         priority=bindparam("priority"),
         max_attempts=bindparam("max_attempts"),

@@ -1,0 +1,1 @@
+"""Tasks of the test application (no periodic ones; see periodic_tasks)."""
