@@ -86,6 +86,10 @@ def migrate(config: Config) -> None:
               help="Seconds running jobs get to finish after SIGTERM.")
 @click.option("--retention", type=float, default=7 * 24 * 3600.0, show_default=True,
               help="Seconds finished jobs are kept; 0 keeps them forever.")
+@click.option("--lifeline/--no-lifeline", default=True, show_default=True,
+              help="PostgreSQL: hold a session lock so a dead worker's jobs are "
+              "rescued within seconds; turn off behind PgBouncer in transaction "
+              "mode.")
 @click.pass_obj
 def worker(config: Config, queues: str, node_timeout: float | None,
            **options: Any) -> None:

@@ -73,7 +73,9 @@ class Config:
     Timings are seconds. A job's lease lasts `lease_seconds` and is renewed
     every `lease_seconds / 3` while the job runs; a node whose heartbeat is
     older than `node_timeout` is dead. `retention` is how long finished jobs
-    are kept (0 keeps them forever).
+    are kept (0 keeps them forever). `lifeline` (PostgreSQL only) keeps one
+    extra connection per worker so that a dead worker's jobs are rescued in
+    about a second rather than after their lease (lease.Lifeline).
     """
 
     database_url: URL = field(default_factory=lambda: make_url(DEFAULT_DATABASE_URL))
@@ -87,6 +89,7 @@ class Config:
     node_timeout: float = 30.0
     shutdown_grace: float = 30.0
     retention: float = 7 * 24 * 3600.0
+    lifeline: bool = True
 
     def __post_init__(self) -> None:
         if self.schema is not None and not _IDENTIFIER.match(self.schema):

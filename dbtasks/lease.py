@@ -20,7 +20,9 @@ longer matches (outcomes.record).
 from __future__ import annotations
 
 import logging
+import random
 import threading
+from typing import Any
 
 from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import DBAPIError
@@ -35,17 +37,126 @@ logger = logging.getLogger(__name__)
 RESCUE_BATCH = 100
 
 _EXPIRED = "lease expired: the worker running this job died, froze or lost the database"
+_ORPHANED = "the worker running this job died: its lifeline connection closed"
+
+
+class Lifeline:
+    """A PostgreSQL session that holds this node's advisory lock while it lives.
+
+    When the worker's process dies, the kernel closes its sockets, the server
+    ends the session and releases the lock at once; other workers see that in
+    pg_locks and rescue the node's jobs without waiting for their leases
+    (queries.orphaned_jobs_postgresql). The lease stays the backstop for what
+    the server learns late: a host that vanished, a network cut (TCP
+    keepalives, set in database.py, bound that to about a minute).
+
+    It needs a server session of its own that stays open. Behind a transaction
+    pooling proxy (PgBouncer in transaction mode) the lock would be taken on a
+    server connection shared with other clients, so turn it off there
+    (`--no-lifeline`) and rely on leases alone.
+    """
+
+    def __init__(self, engine: Engine, node: str):
+        self._engine = engine
+        self._node = node
+        self._connection: Any = None
+        self.key: int | None = None
+
+    def open(self) -> int:
+        """Connect and hold a lock key no live node holds; return the key."""
+        self._connect()
+        while not self._try_lock(self.key or _draw_key()):
+            self.key = None  # held by a live node: draw another
+        assert self.key is not None
+        return self.key
+
+    def _connect(self) -> None:
+        # Taken out of the pool: the session must outlive every checkout.
+        connection = self._engine.raw_connection()
+        connection.detach()
+        self._connection = connection
+
+    def _try_lock(self, key: int) -> bool:
+        cursor = self._connection.cursor()
+        try:
+            cursor.execute(
+                "SELECT pg_try_advisory_lock(%s, %s)",
+                (queries.LIFELINE_LOCK_CLASS, key),
+            )
+            (locked,) = cursor.fetchone()
+            self._connection.commit()
+        finally:
+            cursor.close()
+        if locked:
+            self.key = key
+        return bool(locked)
+
+    def check(self) -> None:
+        """Called at each heartbeat: if the session was lost, take it again.
+
+        While it is lost, other workers may rescue this node's jobs; what this
+        node then records for them is refused by the lease token.
+        """
+        try:
+            cursor = self._connection.cursor()
+            cursor.execute("SELECT 1")
+            cursor.close()
+            self._connection.commit()
+            return
+        except Exception:  # noqa: BLE001 - whatever broke, the answer is to reconnect
+            logger.warning(
+                "lifeline connection lost; other workers may rescue this node's "
+                "jobs; reconnecting",
+                extra={"event": "lease.lifeline_lost", "node": self._node},
+            )
+        self.close()
+        old_key = self.key
+        try:
+            self.open()
+            if self.key != old_key:
+                with self._engine.begin() as conn:
+                    conn.execute(
+                        queries.set_lifeline_key,
+                        {"node_name": self._node, "lifeline_key": self.key},
+                    )
+        except Exception as exc:  # noqa: BLE001 - the next heartbeat tries again
+            self.close()
+            logger.warning(
+                "lifeline could not reconnect, retrying at the next heartbeat: %s",
+                exc,
+                extra={"event": "lease.lifeline_lost", "node": self._node},
+            )
+
+    def close(self) -> None:
+        if self._connection is not None:
+            try:
+                self._connection.close()
+            except Exception:  # noqa: BLE001, S110 - closing a broken session
+                pass
+            self._connection = None
+
+
+def _draw_key() -> int:
+    return random.randint(1, 2**31 - 1)
 
 
 class Heartbeat(threading.Thread):
     """Renews the node's heartbeat and its jobs' leases until stopped."""
 
-    def __init__(self, engine: Engine, node: str, lease: float, interval: float):
+    def __init__(
+        self,
+        engine: Engine,
+        node: str,
+        lease: float,
+        interval: float,
+        lifeline: Lifeline | None = None,
+    ):
         super().__init__(name="dbtasks-heartbeat", daemon=True)
         self._engine = engine
         self._node = node
         self._lease = lease
         self._interval = interval
+        self._lifeline = lifeline
         self._stopped = threading.Event()
         self._failing = False
 
@@ -56,6 +167,8 @@ class Heartbeat(threading.Thread):
     def beat(self) -> None:
         params = {"node_name": self._node, "lease": self._lease}
         try:
+            if self._lifeline is not None:
+                self._lifeline.check()
             with self._engine.begin() as conn:
                 conn.execute(queries.beat_node, params)
                 conn.execute(queries.renew_job_leases, params)
@@ -81,43 +194,32 @@ class Heartbeat(threading.Thread):
 
 def rescue_expired_jobs(conn: Connection) -> int:
     """Queue again (or fail) running jobs whose lease expired; return how many."""
+    rows = conn.execute(queries.expired_jobs, {"limit": RESCUE_BATCH}).all()
+    _rescue(conn, rows, _EXPIRED)
+    return len(rows)
+
+
+def rescue_orphaned_jobs(conn: Connection) -> int:
+    """Rescue running jobs whose node's lifeline is gone (PostgreSQL only)."""
+    if conn.dialect.name != "postgresql":
+        return 0
     rows = conn.execute(
-        queries.expired_jobs, {"limit": RESCUE_BATCH}
+        queries.orphaned_jobs_postgresql, {"limit": RESCUE_BATCH}
     ).all()
-    for row in rows:
-        job = ClaimedJob(
-            id=row.id,
-            task=row.task,
-            queue=row.queue,
-            params="",
-            attempt=row.attempt,
-            max_attempts=row.max_attempts,
-            priority=row.priority,
-            schedule=row.schedule,
-            token=row.lease_token,
-        )
-        kind = RETRY if job.attempt < job.max_attempts else FAILED
-        record(conn, job, Outcome(kind, error=_EXPIRED))
-        logger.warning(
-            "rescued job %s (%s) from node %s: %s",
-            job.id,
-            job.task,
-            row.lease_owner,
-            "queued again" if kind == RETRY else "no attempts left, failed",
-            extra={
-                "event": "lease.rescued",
-                "job_id": job.id,
-                "task": job.task,
-                "attempt": job.attempt,
-                "node": row.lease_owner,
-            },
-        )
+    _rescue(conn, rows, _ORPHANED)
     return len(rows)
 
 
 def rescue_jobs_of_node(conn: Connection, node: str) -> int:
     """Rescue every job a dead holder of this node name was running."""
     rows = conn.execute(queries.jobs_owned_by, {"node_name": node}).all()
+    _rescue(conn, rows, _EXPIRED)
+    drop_node(conn, node)
+    return len(rows)
+
+
+def _rescue(conn: Connection, rows: list[Any], reason: str) -> None:
+    """Queue each job again at once, its attempt spent, or fail it if none is left."""
     for row in rows:
         job = ClaimedJob(
             id=row.id,
@@ -131,9 +233,23 @@ def rescue_jobs_of_node(conn: Connection, node: str) -> int:
             token=row.lease_token,
         )
         kind = RETRY if job.attempt < job.max_attempts else FAILED
-        record(conn, job, Outcome(kind, error=_EXPIRED))
-    drop_node(conn, node)
-    return len(rows)
+        record(conn, job, Outcome(kind, error=reason))
+        logger.warning(
+            "rescued job %s (%s) from node %s, %s: %s",
+            job.id,
+            job.task,
+            row.lease_owner,
+            "queued again" if kind == RETRY else "no attempts left, failed",
+            reason,
+            extra={
+                "event": "lease.rescued",
+                "job_id": job.id,
+                "task": job.task,
+                "attempt": job.attempt,
+                "node": row.lease_owner,
+                "reason": reason,
+            },
+        )
 
 
 def rescue_expired_completions(conn: Connection) -> int:

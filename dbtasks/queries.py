@@ -18,6 +18,7 @@ import functools
 from typing import Any
 
 from sqlalchemy import (
+    BigInteger,
     Delete,
     Insert,
     Select,
@@ -25,12 +26,15 @@ from sqlalchemy import (
     and_,
     bindparam,
     case,
+    cast,
+    column,
     delete,
     exists,
     func,
     literal,
     or_,
     select,
+    table,
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
@@ -118,6 +122,7 @@ def register_node(dialect: str) -> Insert:
             pid=bindparam("pid"),
             tasks=bindparam("tasks"),
             queues=bindparam("queues"),
+            lifeline_key=bindparam("lifeline_key"),
             registered_at=utcnow(),
             heartbeat_at=utcnow(),
         )
@@ -139,6 +144,7 @@ take_over_node: Update = (
         pid=bindparam("pid"),
         tasks=bindparam("tasks"),
         queues=bindparam("queues"),
+        lifeline_key=bindparam("lifeline_key"),
         registered_at=utcnow(),
         heartbeat_at=utcnow(),
         stopped_at=None,
@@ -155,6 +161,13 @@ beat_node: Update = (
     .where(nodes.c.name == bindparam("node_name"), nodes.c.stopped_at.is_(None))
     .values(heartbeat_at=utcnow())
 )
+
+set_lifeline_key: Update = (
+    update(nodes)
+    .where(nodes.c.name == bindparam("node_name"))
+    .values(lifeline_key=bindparam("lifeline_key"))
+)
+"""Record the lock key a node took again after its lifeline reconnected."""
 
 stop_node: Update = (
     update(nodes).where(nodes.c.name == bindparam("node_name")).values(stopped_at=utcnow())
@@ -220,6 +233,55 @@ expired_jobs: Select[Any] = (
 """Running jobs whose lease ran out: their worker died, froze or lost the
 database. Uses ix_dbtasks_jobs_lease; SKIP LOCKED lets several workers rescue
 at once without waiting on each other."""
+
+#: The first key of every dbtasks advisory lock ("dbts"), apart from the
+#: application's own advisory locks, which rarely use the two-key form.
+LIFELINE_LOCK_CLASS = 0x64627473
+
+_pg_locks = table(
+    "pg_locks",
+    column("locktype"),
+    column("database"),
+    column("classid"),
+    column("objid"),
+    column("objsubid"),
+    column("granted"),
+    schema="pg_catalog",
+)
+_pg_database = table("pg_database", column("oid"), column("datname"), schema="pg_catalog")
+
+_lifeline_held = (
+    select(literal(1))
+    .select_from(_pg_locks)
+    .where(
+        _pg_locks.c.locktype == "advisory",
+        _pg_locks.c.database
+        == select(_pg_database.c.oid)
+        .where(_pg_database.c.datname == func.current_database())
+        .scalar_subquery(),
+        cast(_pg_locks.c.classid, BigInteger) == LIFELINE_LOCK_CLASS,
+        cast(_pg_locks.c.objid, BigInteger) == nodes.c.lifeline_key,
+        _pg_locks.c.objsubid == 2,
+        _pg_locks.c.granted,
+    )
+)
+
+orphaned_jobs_postgresql: Select[Any] = (
+    select(*_rescued)
+    .join(nodes, nodes.c.name == jobs.c.lease_owner)
+    .where(
+        jobs.c.state == RUNNING,
+        nodes.c.lifeline_key.is_not(None),
+        ~exists(_lifeline_held),
+    )
+    .limit(bindparam("limit"))
+    .with_for_update(of=jobs, skip_locked=True)
+)
+"""Running jobs whose node's lifeline connection is gone (PostgreSQL).
+
+The server drops a session's advisory locks the moment its connection closes,
+so a worker that died shows up here at once, long before its leases expire.
+pg_locks is read fresh by every statement; the rows it lists are few."""
 
 jobs_owned_by: Select[Any] = (
     select(*_rescued)

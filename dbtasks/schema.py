@@ -198,4 +198,7 @@ nodes = Table(
     Column("registered_at", UtcDateTime, nullable=False),
     Column("heartbeat_at", UtcDateTime, nullable=False),
     Column("stopped_at", UtcDateTime),
+    # PostgreSQL: the advisory lock this node holds on its lifeline connection
+    # while it lives (see lease.Lifeline); NULL on SQLite or without one.
+    Column("lifeline_key", BigInteger),
 )

@@ -56,6 +56,9 @@ logger = logging.getLogger(__name__)
 #: Seconds between maintenance passes that retire schedules and prune history.
 HOUSEKEEPING_INTERVAL = 60.0
 
+#: Seconds between rescues of jobs whose worker is known dead (PostgreSQL).
+RESCUE_INTERVAL = 1.0
+
 #: Longest wait between retries of the loop while the database is down.
 MAX_OUTAGE_BACKOFF = 15.0
 
@@ -114,8 +117,10 @@ class Worker:
         self._stopping = threading.Event()
         self._force = threading.Event()
         self._heartbeat: lease.Heartbeat | None = None
+        self._lifeline: lease.Lifeline | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._next_maintenance = 0.0
+        self._next_rescue = 0.0
         self._next_housekeeping = 0.0
         self._outage = False
 
@@ -156,14 +161,19 @@ class Worker:
 
     def _start(self) -> None:
         require_current_schema(self.engine, self.config.schema)
+        lifeline_key = None
+        if self.config.lifeline and self.engine.dialect.name == "postgresql":
+            self._lifeline = lease.Lifeline(self.engine, self.node)
+            lifeline_key = self._lifeline.open()
         with self.engine.begin() as conn:
-            self._register(conn)
+            self._register(conn, lifeline_key)
             scheduler.sync_schedules(conn, self.registry)
         self._heartbeat = lease.Heartbeat(
             self.engine,
             self.node,
             self.config.lease_seconds,
             self.config.heartbeat_interval,
+            self._lifeline,
         )
         self._heartbeat.start()
         logger.info(
@@ -175,9 +185,10 @@ class Worker:
             extra={"event": "worker.started", "node": self.node},
         )
 
-    def _register(self, conn: Connection) -> None:
+    def _register(self, conn: Connection, lifeline_key: int | None) -> None:
         values = {
             "node_name": self.node,
+            "lifeline_key": lifeline_key,
             "hostname": socket.gethostname(),
             "pid": os.getpid(),
             "tasks": json.dumps(self._task_summary(), sort_keys=True),
@@ -316,6 +327,11 @@ class Worker:
 
     def _maintain_if_due(self) -> None:
         now = time.monotonic()
+        if self._lifeline is not None and now >= self._next_rescue:
+            # Cheap and frequent: the jobs of workers whose lifeline is gone.
+            self._next_rescue = now + RESCUE_INTERVAL
+            with self.engine.begin() as conn:
+                lease.rescue_orphaned_jobs(conn)
         if now < self._next_maintenance:
             return
         self._next_maintenance = now + self.config.heartbeat_interval
@@ -562,6 +578,8 @@ class Worker:
         if self._heartbeat is not None:
             self._heartbeat.stop()
         self._guarded_once(self._deregister)
+        if self._lifeline is not None:
+            self._lifeline.close()
         self.engine.dispose()
         logger.info(
             "worker %s stopped", self.node, extra={"event": "worker.stopped", "node": self.node}

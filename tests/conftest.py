@@ -147,6 +147,14 @@ def engine(database_url: str) -> Iterator[Engine]:
     engine.dispose()
 
 
+@pytest.fixture
+def engine_pg(pg_url: str) -> Iterator[Engine]:
+    """The queue's own engine on the PostgreSQL test database."""
+    engine = create_queue_engine(config_from_env(database_url=pg_url))
+    yield engine
+    engine.dispose()
+
+
 @pytest.fixture(autouse=True)
 def _database_env(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
                   ) -> None:

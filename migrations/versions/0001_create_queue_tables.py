@@ -136,6 +136,7 @@ def upgrade() -> None:
         sa.Column("registered_at", TIMESTAMP, nullable=False),
         sa.Column("heartbeat_at", TIMESTAMP, nullable=False),
         sa.Column("stopped_at", TIMESTAMP),
+        sa.Column("lifeline_key", sa.BigInteger),
         sa.PrimaryKeyConstraint("name", name="pk_dbtasks_nodes"),
     )
 
