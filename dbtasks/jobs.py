@@ -18,11 +18,12 @@ from datetime import datetime, timedelta
 from typing import Any, overload
 
 from sqlalchemy import Connection
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from dbtasks import queries
 from dbtasks.config import DEFAULT_QUEUE
-from dbtasks.errors import JobError, TaskNotFound
+from dbtasks.errors import JobError, SchemaError, TaskNotFound
 from dbtasks.params import encode_params
 from dbtasks.tasks import (
     DEFAULT_MAX_ATTEMPTS,
@@ -96,8 +97,10 @@ def enqueue(
 
 
 async def _enqueue_async(target: Any, job: dict[str, Any], schema: str | None) -> int:
-    if hasattr(target, "connection") and not hasattr(target, "dialect"):
-        target = await target.connection()  # AsyncSession
+    from sqlalchemy.ext.asyncio import AsyncSession
+
+    if isinstance(target, AsyncSession):
+        target = await target.connection()
     result: int = await target.run_sync(_insert, job, schema)
     return result
 
@@ -118,6 +121,8 @@ def _prepare(
     name = task.name if isinstance(task, Task) else task
     if not isinstance(name, str) or not name:
         raise JobError(f"the task must be a Task or a task name, got {task!r}")
+    if known is None:
+        _check_text(name, "the task name", 200)
 
     defaults = known or Task(name=name, fn=lambda *_: None)
     return {
@@ -171,9 +176,20 @@ def _check_priority(priority: Any) -> int:
 
 
 def _check_queue(queue: Any) -> str:
-    if not isinstance(queue, str) or not 1 <= len(queue) <= 100:
+    if not isinstance(queue, str):
         raise JobError(f"queue must be a name of 1 to 100 characters, got {queue!r}")
-    return queue
+    return _check_text(queue, "the queue name", 100)
+
+
+def _check_text(value: str, what: str, limit: int) -> str:
+    if not 1 <= len(value) <= limit:
+        raise JobError(f"{what} must be 1 to {limit} characters, got {value!r:.80}")
+    if value != value.strip() or any(ord(char) < 32 for char in value):
+        raise JobError(
+            f"{what} {value!r:.80} has surrounding spaces or control characters; "
+            "names must be plain text"
+        )
+    return value
 
 
 def _check_key(key: Any) -> str | None:
@@ -196,6 +212,18 @@ def _check_attempts(value: Any) -> int:
 def _insert(conn: Connection, job: dict[str, Any], schema: str | None) -> int:
     if schema:
         conn = conn.execution_options(schema_translate_map={None: schema})
+    try:
+        return _insert_job(conn, job)
+    except DBAPIError as exc:
+        if _is_missing_table(exc):
+            raise SchemaError(
+                "the database has no dbtasks tables: run `dbtasks migrate` with "
+                "this database's URL (and --schema, if you use one)"
+            ) from exc
+        raise
+
+
+def _insert_job(conn: Connection, job: dict[str, Any]) -> int:
     if job["_check_name"]:
         _check_registered(conn, job["task"])
 
@@ -214,6 +242,12 @@ def _insert(conn: Connection, job: dict[str, Any], schema: str | None) -> int:
             {"idempotency_key": job["idempotency_key"]},
         ).scalar_one()
     return int(job_id)
+
+
+def _is_missing_table(exc: DBAPIError) -> bool:
+    # PostgreSQL: undefined_table; SQLite has no codes, only the message.
+    code = getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None)
+    return code == "42P01" or "no such table" in str(exc.orig)
 
 
 def _check_registered(conn: Connection, name: str) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import random
+import select
 import threading
 from typing import Any
 
@@ -40,7 +41,7 @@ _EXPIRED = "lease expired: the worker running this job died, froze or lost the d
 _ORPHANED = "the worker running this job died: its lifeline connection closed"
 
 
-class Lifeline:
+class Lifeline(threading.Thread):
     """A PostgreSQL session that holds this node's advisory lock while it lives.
 
     When the worker's process dies, the kernel closes its sockets, the server
@@ -50,6 +51,14 @@ class Lifeline:
     the server learns late: a host that vanished, a network cut (TCP
     keepalives, set in database.py, bound that to about a minute).
 
+    The thread sleeps on the session's socket and takes the lock again as
+    soon as the session is lost. After a server restart every lifeline is
+    gone at once; rescuers wait `LIFELINE_GRACE` seconds after the server
+    starts, so live workers have time to take theirs again. A session that is
+    terminated on its own (pg_terminate_backend) while its worker lives does
+    get that worker's jobs rescued: they may then run twice, and what the
+    worker records for them is refused by the lease token.
+
     It needs a server session of its own that stays open. Behind a transaction
     pooling proxy (PgBouncer in transaction mode) the lock would be taken on a
     server connection shared with other clients, so turn it off there
@@ -57,9 +66,11 @@ class Lifeline:
     """
 
     def __init__(self, engine: Engine, node: str):
+        super().__init__(name="dbtasks-lifeline", daemon=True)
         self._engine = engine
         self._node = node
         self._connection: Any = None
+        self._stopped = threading.Event()
         self.key: int | None = None
 
     def open(self) -> int:
@@ -91,25 +102,39 @@ class Lifeline:
             self.key = key
         return bool(locked)
 
-    def check(self) -> None:
-        """Called at each heartbeat: if the session was lost, take it again.
+    def run(self) -> None:
+        while not self._stopped.is_set():
+            if self._connection is None or self._session_lost():
+                self._reconnect()
 
-        While it is lost, other workers may rescue this node's jobs; what this
-        node then records for them is refused by the lease token.
+    def _session_lost(self) -> bool:
+        """Wait until the socket has something to say; True if the session ended.
+
+        An idle session's socket turns readable only when the server closes
+        it (or sends a notice, which the probe below reads and discards).
         """
         try:
+            socket_number = self._connection.dbapi_connection.fileno()
+            readable, _, _ = select.select([socket_number], [], [], 5.0)
+            if not readable:
+                return False
             cursor = self._connection.cursor()
             cursor.execute("SELECT 1")
             cursor.close()
             self._connection.commit()
-            return
+            return False
         except Exception:  # noqa: BLE001 - whatever broke, the answer is to reconnect
+            if self._stopped.is_set():
+                return False
             logger.warning(
                 "lifeline connection lost; other workers may rescue this node's "
                 "jobs; reconnecting",
                 extra={"event": "lease.lifeline_lost", "node": self._node},
             )
-        self.close()
+            return True
+
+    def _reconnect(self) -> None:
+        self._close_connection()
         old_key = self.key
         try:
             self.open()
@@ -119,15 +144,21 @@ class Lifeline:
                         queries.set_lifeline_key,
                         {"node_name": self._node, "lifeline_key": self.key},
                     )
-        except Exception as exc:  # noqa: BLE001 - the next heartbeat tries again
-            self.close()
-            logger.warning(
-                "lifeline could not reconnect, retrying at the next heartbeat: %s",
-                exc,
-                extra={"event": "lease.lifeline_lost", "node": self._node},
-            )
+        except Exception as exc:  # noqa: BLE001 - tried again shortly
+            self._close_connection()
+            logger.debug("lifeline could not reconnect yet: %s", exc)
+            self._stopped.wait(0.5)
+            return
+        logger.info(
+            "lifeline connection restored",
+            extra={"event": "lease.lifeline_restored", "node": self._node},
+        )
 
     def close(self) -> None:
+        self._stopped.set()
+        self._close_connection()
+
+    def _close_connection(self) -> None:
         if self._connection is not None:
             try:
                 self._connection.close()
@@ -143,20 +174,12 @@ def _draw_key() -> int:
 class Heartbeat(threading.Thread):
     """Renews the node's heartbeat and its jobs' leases until stopped."""
 
-    def __init__(
-        self,
-        engine: Engine,
-        node: str,
-        lease: float,
-        interval: float,
-        lifeline: Lifeline | None = None,
-    ):
+    def __init__(self, engine: Engine, node: str, lease: float, interval: float):
         super().__init__(name="dbtasks-heartbeat", daemon=True)
         self._engine = engine
         self._node = node
         self._lease = lease
         self._interval = interval
-        self._lifeline = lifeline
         self._stopped = threading.Event()
         self._failing = False
 
@@ -167,8 +190,6 @@ class Heartbeat(threading.Thread):
     def beat(self) -> None:
         params = {"node_name": self._node, "lease": self._lease}
         try:
-            if self._lifeline is not None:
-                self._lifeline.check()
             with self._engine.begin() as conn:
                 conn.execute(queries.beat_node, params)
                 conn.execute(queries.renew_job_leases, params)
@@ -277,6 +298,21 @@ def rescue_expired_completions(conn: Connection) -> int:
         )
         kind = RETRY if job.attempt < job.max_attempts else FAILED
         record(conn, job, Outcome(kind, error=_EXPIRED))
+        logger.warning(
+            "rescued job %s (%s) run by node %s, %s: %s",
+            job.id,
+            job.task,
+            job.node,
+            "to run again there" if kind == RETRY else "no attempts left, failed",
+            _EXPIRED,
+            extra={
+                "event": "lease.rescued",
+                "job_id": job.id,
+                "task": job.task,
+                "attempt": job.attempt,
+                "node": job.node,
+            },
+        )
     return len(rows)
 
 

@@ -15,10 +15,9 @@ from pathlib import Path
 from alembic import command
 from alembic.config import Config as AlembicConfig
 from alembic.script import ScriptDirectory
-from sqlalchemy import Connection, Engine, inspect, select, table, column
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy import Connection, Engine, column, inspect, select, table
 
-from dbtasks.errors import DatabaseError, SchemaError
+from dbtasks.errors import SchemaError
 from dbtasks.schema import VERSION_TABLE
 
 logger = logging.getLogger(__name__)
@@ -53,10 +52,17 @@ def head_revision() -> str:
     return head
 
 
+def known_revisions() -> set[str]:
+    scripts = ScriptDirectory.from_config(alembic_config())
+    return {script.revision for script in scripts.walk_revisions()}
+
+
 def upgrade(engine: Engine, schema: str | None, revision: str = "head") -> None:
     """Create or upgrade dbtasks' tables to `revision`."""
     with engine.connect() as connection:
         before = current_revision(connection, schema)
+        if before is not None and before not in known_revisions():
+            check_revision(before)  # newer than this code: says to upgrade dbtasks
         # Alembic joins a transaction already begun instead of committing its
         # own, so end the one the read above began, and commit at the end.
         connection.rollback()
@@ -79,12 +85,15 @@ def current_revision(connection: Connection, schema: str | None) -> str | None:
 
 def require_current_schema(engine: Engine, schema: str | None) -> None:
     """Refuse to run against a schema that is missing or not at this code's head."""
-    try:
-        with engine.connect() as connection:
-            current = current_revision(connection, schema)
-    except SQLAlchemyError as exc:
-        raise DatabaseError(f"cannot read the schema revision: {exc}") from exc
+    # A DBAPIError (server unreachable, bad password) goes up as it is: the
+    # caller turns it into one line without the password (commands.py).
+    with engine.connect() as connection:
+        current = current_revision(connection, schema)
+    check_revision(current)
 
+
+def check_revision(current: str | None) -> None:
+    """Raise SchemaError unless `current` is this code's head revision."""
     head = head_revision()
     if current == head:
         return
@@ -93,9 +102,7 @@ def require_current_schema(engine: Engine, schema: str | None) -> None:
             "the database has no dbtasks tables yet: run `dbtasks migrate` "
             "(with the same --database-url) before starting workers"
         )
-    known = {script.revision for script in ScriptDirectory.from_config(
-        alembic_config()).walk_revisions()}
-    if current in known:
+    if current in known_revisions():
         raise SchemaError(
             f"the database's dbtasks schema is at revision {current}, older than "
             f"this code's {head}: run `dbtasks migrate` to upgrade it"

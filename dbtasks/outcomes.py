@@ -42,6 +42,7 @@ class Outcome:
     kind: str
     error: str | None = None
     delay: float = 0.0
+    summary: str | None = None  # one line for the log; `error` has the traceback
 
     @property
     def is_final(self) -> bool:
@@ -65,12 +66,21 @@ def classify(job: ClaimedJob, error: BaseException | None) -> Outcome:
     if isinstance(error, Cancel):
         return Outcome(CANCELLED, error=error.reason or str(error))
 
-    text = describe(error)
+    text, summary = describe(error), summarize(error)
     if job.attempt >= job.max_attempts:
-        return Outcome(FAILED, error=text)
+        return Outcome(FAILED, error=text, summary=summary)
     if isinstance(error, Retry) and error.delay is not None:
-        return Outcome(RETRY, error=text, delay=error.delay)
-    return Outcome(RETRY, error=text, delay=retry_delay(job.attempt))
+        return Outcome(RETRY, error=text, delay=error.delay, summary=summary)
+    return Outcome(
+        RETRY, error=text, delay=retry_delay(job.attempt), summary=summary
+    )
+
+
+def summarize(error: BaseException) -> str:
+    """The error's type and the first line of its message."""
+    message = str(error).strip().split("\n", 1)[0]
+    name = type(error).__name__
+    return f"{name}: {message}" if message else name
 
 
 def describe(error: BaseException) -> str:

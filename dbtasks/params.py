@@ -25,6 +25,10 @@ from dbtasks.errors import InvalidParams
 #: Largest params accepted, as encoded JSON text.
 MAX_PARAMS_BYTES = 1024 * 1024
 
+#: Deepest nesting of dicts and lists accepted (far below Python's recursion
+#: limit, which the check and the JSON codec would otherwise hit).
+MAX_PARAMS_DEPTH = 100
+
 _encoder = json.JSONEncoder(allow_nan=False, separators=(",", ":"))
 _decoder = json.JSONDecoder()
 
@@ -33,7 +37,13 @@ def encode_params(params: Any) -> str:
     """Validate params and return their JSON text; raise InvalidParams if unfit."""
     if params is None:
         return "{}"
-    _check(params, "params")
+    try:
+        _check(params, 0)
+    except _Unfit as unfit:
+        path = "params" + "".join(reversed(unfit.path))
+        if len(path) > 200:
+            path = path[:200] + "..."
+        raise InvalidParams(path + unfit.message) from None
     text = _encoder.encode(params)
     if len(text) > MAX_PARAMS_BYTES:
         raise InvalidParams(
@@ -48,7 +58,18 @@ def decode_params(text: str) -> Any:
     return _decoder.decode(text)
 
 
-def _check(value: Any, path: str) -> None:
+class _Unfit(Exception):
+    """Raised deep in the check, its message following the path to the value.
+
+    The path is added on the way up, so a valid value (the common case) builds
+    no path strings at all."""
+
+    def __init__(self, message: str):
+        self.message = message
+        self.path: list[str] = []
+
+
+def _check(value: Any, depth: int) -> None:
     # bool is an int subclass and fine; exact type checks keep out subclasses
     # (IntEnum, str subclasses) whose JSON form would not come back as given.
     kind = type(value)
@@ -56,24 +77,29 @@ def _check(value: Any, path: str) -> None:
         return
     if kind is float:
         if not math.isfinite(value):
-            raise InvalidParams(
-                f"{path} is {value!r}, which JSON cannot hold; use None or a string"
+            raise _Unfit(
+                f" is {value!r}, which JSON cannot hold; use None or a string"
             )
         return
-    if kind is dict:
-        for key, item in value.items():
-            if type(key) is not str:
-                raise InvalidParams(
-                    f"{path} has the key {key!r} of type {type(key).__name__}; JSON "
-                    "keys are strings, so it would come back changed: use str keys"
-                )
-            _check(item, f"{path}[{key!r}]")
-        return
-    if kind is list:
-        for index, item in enumerate(value):
-            _check(item, f"{path}[{index}]")
-        return
-    raise InvalidParams(f"{path} is {_describe(value)}; {_advice(value)}")
+    if kind is not dict and kind is not list:
+        raise _Unfit(f" is {_describe(value)}; {_advice(value)}")
+    if depth >= MAX_PARAMS_DEPTH:
+        raise _Unfit(
+            f" nests dicts and lists more than {MAX_PARAMS_DEPTH} levels "
+            "deep; flatten them"
+        )
+    items = value.items() if kind is dict else enumerate(value)
+    for key, item in items:
+        if kind is dict and type(key) is not str:
+            raise _Unfit(
+                f" has the key {key!r:.60} of type {type(key).__name__}; "
+                "JSON keys are strings, so it would come back changed: use str keys"
+            )
+        try:
+            _check(item, depth + 1)
+        except _Unfit as unfit:
+            unfit.path.append(f"[{key!r:.60}]")
+            raise
 
 
 def _describe(value: Any) -> str:

@@ -266,12 +266,18 @@ _lifeline_held = (
     )
 )
 
+#: Seconds after a server (re)start before a missing lifeline means a dead
+#: worker: a restart drops every lifeline, and live workers need a moment to
+#: take theirs again.
+LIFELINE_GRACE = 10.0
+
 orphaned_jobs_postgresql: Select[Any] = (
     select(*_rescued)
     .join(nodes, nodes.c.name == jobs.c.lease_owner)
     .where(
         jobs.c.state == RUNNING,
         nodes.c.lifeline_key.is_not(None),
+        func.pg_postmaster_start_time() < seconds_from_now(-LIFELINE_GRACE),
         ~exists(_lifeline_held),
     )
     .limit(bindparam("limit"))

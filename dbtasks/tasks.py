@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import importlib.machinery
 import importlib.util
 import inspect
 import logging
@@ -295,12 +296,15 @@ def _import_package(folder: Path) -> ModuleType:
         )
 
     init = folder / "__init__.py"
-    spec = importlib.util.spec_from_file_location(
-        name,
-        init if init.exists() else None,
-        submodule_search_locations=[str(folder)],
-    )
-    if spec is None or (spec.loader is None and init.exists()):
+    if init.exists():
+        spec = importlib.util.spec_from_file_location(
+            name, init, submodule_search_locations=[str(folder)]
+        )
+    else:
+        # A folder without __init__.py is imported as a namespace package.
+        spec = importlib.machinery.ModuleSpec(name, None, is_package=True)
+        spec.submodule_search_locations = [str(folder)]
+    if spec is None:
         raise ConfigError(f"cannot import the tasks folder {folder}")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module

@@ -173,9 +173,10 @@ class Worker:
             self.node,
             self.config.lease_seconds,
             self.config.heartbeat_interval,
-            self._lifeline,
         )
         self._heartbeat.start()
+        if self._lifeline is not None:
+            self._lifeline.start()
         logger.info(
             "worker %s started: %d tasks, concurrency %d, queues %s",
             self.node,
@@ -503,7 +504,7 @@ class Worker:
                 job.attempt,
                 job.max_attempts,
                 outcome.delay,
-                _last_line(outcome.error),
+                outcome.summary or _last_line(outcome.error),
                 extra={"event": "job.retry_scheduled", **extra},
             )
         elif outcome.kind == HANDED_BACK:

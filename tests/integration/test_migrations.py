@@ -1,0 +1,239 @@
+"""Migrations: head matches schema.py, reruns are no-ops, the revision is checked.
+
+Each PostgreSQL test gets a database of its own, created and dropped here, so
+the session's shared database is never migrated twice or left half-made.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import Engine, create_engine, inspect, text
+from sqlalchemy.engine import make_url
+
+from dbtasks import DbtasksError, SchemaError, commands, enqueue, migrate
+from dbtasks.config import Config, config_from_env
+from dbtasks.database import create_queue_engine
+from dbtasks.schema import PREFIX, VERSION_TABLE, metadata
+from tests.app_tasks.basic import noop
+from tests.conftest import APP_TASKS, ROOT, sql
+
+QUEUE_TABLES = ["dbtasks_completions", "dbtasks_jobs", "dbtasks_nodes",
+                "dbtasks_schedules"]
+
+
+@pytest.fixture
+def new_database(postgres_admin_url: str, tmp_path: Path
+                 ) -> Iterator[Callable[[str], str]]:
+    """Make empty databases: `new_database("postgresql")` or `("sqlite")`."""
+    created: list[str] = []
+
+    def make(kind: str) -> str:
+        if kind == "sqlite":
+            return f"sqlite:///{tmp_path / f'empty-{uuid.uuid4().hex[:6]}.db'}"
+        name = f"dbtasks_migrations_{uuid.uuid4().hex[:8]}"
+        with psycopg.connect(postgres_admin_url, autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        created.append(name)
+        url = make_url(postgres_admin_url).set(
+            drivername="postgresql+psycopg", database=name
+        )
+        return url.render_as_string(hide_password=False)
+
+    yield make
+    with psycopg.connect(postgres_admin_url, autocommit=True) as conn:
+        for name in created:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(params=["postgresql", "sqlite"])
+def empty_url(request: pytest.FixtureRequest, new_database) -> str:
+    """An empty database, on PostgreSQL and on SQLite in turn."""
+    return new_database(request.param)
+
+
+def config_for(url: str, schema: str | None = None) -> Config:
+    return config_from_env(database_url=url, schema=schema, tasks_path=APP_TASKS)
+
+
+@pytest.fixture
+def queue_engine(empty_url: str) -> Iterator[Engine]:
+    engine = create_queue_engine(config_for(empty_url))
+    yield engine
+    engine.dispose()
+
+
+def _only_dbtasks(obj, name, type_, reflected, compare_to):  # noqa: ANN001
+    if type_ == "table":
+        return name.startswith(PREFIX) and name != VERSION_TABLE
+    return True
+
+
+def schema_differences(engine: Engine) -> list[object]:
+    with engine.connect() as conn:
+        context = MigrationContext.configure(
+            conn,
+            opts={
+                "include_object": _only_dbtasks,
+                "compare_type": True,
+                "compare_server_default": True,
+            },
+        )
+        return compare_metadata(context, metadata)
+
+
+def table_names(engine: Engine, schema: str | None = None) -> list[str]:
+    return sorted(inspect(engine).get_table_names(schema=schema))
+
+
+def test_upgrading_an_empty_database_gives_exactly_schema_py(queue_engine):
+    migrate.upgrade(queue_engine, None)
+
+    assert table_names(queue_engine) == sorted([*QUEUE_TABLES, VERSION_TABLE])
+    assert schema_differences(queue_engine) == []
+    assert sql(queue_engine, f"SELECT version_num FROM {VERSION_TABLE}") == [
+        (migrate.head_revision(),)
+    ]
+
+
+def test_migrating_twice_changes_nothing(queue_engine, caplog):
+    migrate.upgrade(queue_engine, None)
+    with queue_engine.begin() as conn:
+        job_id = enqueue(conn, noop, {"kept": True})
+    shape = _shape(queue_engine)
+
+    caplog.set_level("INFO", logger="dbtasks.migrate")
+    migrate.upgrade(queue_engine, None)
+
+    assert _shape(queue_engine) == shape
+    assert sql(queue_engine, "SELECT id, params FROM dbtasks_jobs") == [
+        (job_id, '{"kept":true}')
+    ]
+    assert f"schema already at revision {migrate.head_revision()}" in caplog.text
+
+
+def _shape(engine: Engine) -> dict[str, object]:
+    inspector = inspect(engine)
+    return {
+        name: (
+            [(c["name"], str(c["type"]), c["nullable"])
+             for c in inspector.get_columns(name)],
+            sorted(index["name"] for index in inspector.get_indexes(name)),
+        )
+        for name in inspector.get_table_names()
+    }
+
+
+def test_the_application_alembic_version_is_left_alone(queue_engine):
+    with queue_engine.begin() as conn:
+        conn.execute(text(
+            "CREATE TABLE alembic_version (version_num VARCHAR(32) NOT NULL)"
+        ))
+        conn.execute(text("INSERT INTO alembic_version VALUES ('app_0042')"))
+
+    migrate.upgrade(queue_engine, None)
+    migrate.upgrade(queue_engine, None)
+
+    assert sql(queue_engine, "SELECT version_num FROM alembic_version") == [
+        ("app_0042",)
+    ]
+    assert sql(queue_engine, f"SELECT version_num FROM {VERSION_TABLE}") == [
+        (migrate.head_revision(),)
+    ]
+
+
+def test_a_postgresql_schema_holds_every_table(new_database):
+    url = new_database("postgresql")
+    config = config_for(url, schema="queue_space")
+
+    commands.migrate(config)
+
+    engine = create_queue_engine(config)
+    app = create_engine(url)
+    try:
+        assert table_names(app, "queue_space") == sorted([*QUEUE_TABLES, VERSION_TABLE])
+        assert table_names(app, "public") == []
+        migrate.require_current_schema(engine, "queue_space")
+        with pytest.raises(SchemaError, match="run `dbtasks migrate`"):
+            migrate.require_current_schema(engine, None)
+
+        with app.begin() as conn:
+            job_id = enqueue(conn, noop, {"in": "schema"}, schema="queue_space")
+        assert sql(app, "SELECT id, params FROM queue_space.dbtasks_jobs") == [
+            (job_id, '{"in":"schema"}')
+        ]
+    finally:
+        engine.dispose()
+        app.dispose()
+
+
+# --- the revision check ------------------------------------------------------
+
+
+def test_enqueue_on_an_unmigrated_database_says_to_migrate(empty_url):
+    with pytest.raises(SchemaError) as refused:
+        commands.enqueue(config_for(empty_url), "noop", {})
+
+    assert "no dbtasks tables yet: run `dbtasks migrate`" in str(refused.value)
+
+
+def test_the_library_enqueue_on_an_unmigrated_database_says_to_migrate(empty_url):
+    app = create_engine(empty_url)
+    try:
+        with pytest.raises(SchemaError, match="dbtasks migrate"), app.begin() as conn:
+            enqueue(conn, "noop", {})
+    finally:
+        app.dispose()
+
+
+def test_a_worker_on_an_unmigrated_database_stops_and_says_to_migrate(empty_url):
+    result = subprocess.run(
+        [sys.executable, "-m", "dbtasks", "--database-url", empty_url,
+         "--tasks", str(APP_TASKS), "worker"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )
+
+    assert result.returncode == 2, result.stderr
+    assert "error: the database has no dbtasks tables yet: run `dbtasks migrate`" in (
+        result.stderr
+    )
+    assert "Traceback" not in result.stderr
+
+
+def _stamp(engine: Engine, revision: str) -> None:
+    with engine.begin() as conn:
+        conn.execute(text(f"UPDATE {VERSION_TABLE} SET version_num = :revision"),
+                     {"revision": revision})
+
+
+def test_a_database_from_a_newer_dbtasks_is_refused(queue_engine, empty_url):
+    migrate.upgrade(queue_engine, None)
+    _stamp(queue_engine, "9999_from_the_future")
+
+    with pytest.raises(SchemaError) as refused:
+        migrate.require_current_schema(queue_engine, None)
+    with pytest.raises(SchemaError) as by_enqueue:
+        commands.enqueue(config_for(empty_url), "noop", {})
+
+    for error in (refused.value, by_enqueue.value):
+        message = str(error)
+        assert "revision 9999_from_the_future" in message
+        assert "migrated by a newer dbtasks; upgrade dbtasks" in message
+
+
+def test_migrate_on_a_database_from_a_newer_dbtasks_says_to_upgrade(
+    queue_engine, empty_url
+):
+    migrate.upgrade(queue_engine, None)
+    _stamp(queue_engine, "9999_from_the_future")
+
+    with pytest.raises(DbtasksError, match="upgrade dbtasks"):
+        commands.migrate(config_for(empty_url))

@@ -1,0 +1,486 @@
+"""Tasks: the decorator's checks, loading a tasks folder, and inline runs."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+import textwrap
+import uuid
+from collections.abc import Callable, Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from dbtasks import (
+    ConfigError,
+    DuplicateTask,
+    JobContext,
+    Registry,
+    TaskError,
+    TaskNotFound,
+    load_tasks,
+    run_inline,
+    task,
+)
+from dbtasks.tasks import DEFAULT_TIMEOUT
+
+
+@pytest.fixture
+def tasks_folder(tmp_path: Path) -> Iterator[Callable[..., Path]]:
+    """Write a tasks folder under a unique package name; forget it afterwards.
+
+    `tasks_folder({"a.py": "..."})` returns the folder. The package name is
+    unique, because a loaded folder stays in sys.modules under its name.
+    """
+    name = f"unit_tasks_{uuid.uuid4().hex[:8]}"
+
+    def write(files: dict[str, str], init: bool = True) -> Path:
+        folder = tmp_path / name
+        folder.mkdir()
+        if init:
+            (folder / "__init__.py").write_text("")
+        for relative, source in files.items():
+            path = folder / relative
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(textwrap.dedent(source))
+        return folder
+
+    yield write
+    for module in [m for m in sys.modules if m.split(".")[0] == name]:
+        del sys.modules[module]
+
+
+# --- the decorator -------------------------------------------------------------
+
+
+def test_defaults_come_from_the_function():
+    @task()
+    def unit_defaults(params, context):
+        """Say hello.
+
+        More about it.
+        """
+
+    assert unit_defaults.name == "unit_defaults"
+    assert unit_defaults.description == "Say hello."
+    assert (unit_defaults.scope, unit_defaults.frequency) == ("any", 0.0)
+    assert (unit_defaults.max_attempts, unit_defaults.timeout) == (5, DEFAULT_TIMEOUT)
+    assert (unit_defaults.queue, unit_defaults.priority) == ("default", 0)
+    assert not unit_defaults.is_periodic
+    assert not unit_defaults.is_async
+
+
+def test_explicit_settings_and_timedeltas():
+    @task(name="unit_every_five", description="Tick.", scope="all",
+          frequency=timedelta(minutes=5), timeout=timedelta(seconds=90),
+          max_attempts=2, queue="ticks", priority=-100)
+    async def tick(params, context):
+        pass
+
+    assert (tick.name, tick.description, tick.scope) == ("unit_every_five", "Tick.",
+                                                         "all")
+    assert (tick.frequency, tick.timeout) == (300.0, 90.0)
+    assert (tick.max_attempts, tick.queue, tick.priority) == (2, "ticks", -100)
+    assert tick.is_periodic
+    assert tick.is_async
+
+
+def test_no_timeout_and_a_float_frequency_are_accepted():
+    @task(name="unit_no_timeout", timeout=None, frequency=0.5)
+    def unit_no_timeout(params, context):
+        pass
+
+    assert unit_no_timeout.timeout is None
+    assert unit_no_timeout.frequency == 0.5
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"scope": "some"}, "scope must be 'any' (one node runs each job) or 'all'"),
+        ({"scope": None}, "got None"),
+        ({"frequency": -1}, "frequency must be 0 or more seconds, got -1"),
+        ({"frequency": timedelta(seconds=-5)}, "frequency must be 0 or more "
+         "seconds, got -5.0"),
+        ({"frequency": "60"}, "frequency must be a number of seconds or a "
+         "timedelta, got '60'"),
+        ({"frequency": True}, "frequency must be a number of seconds"),
+        ({"frequency": float("inf")}, "frequency must be 0 or more seconds, got inf"),
+        ({"frequency": float("nan")}, "got nan"),
+        ({"timeout": 0}, "timeout must be more than 0 seconds, got 0"),
+        ({"max_attempts": 0}, "max_attempts must be an integer of 1 or more"),
+        ({"max_attempts": 2.0}, "max_attempts must be an integer of 1 or more"),
+        ({"priority": 101}, "priority must be -100 to 100, got 101"),
+        ({"priority": "1"}, "priority must be an integer, got '1'"),
+        ({"queue": ""}, "queue must be 1 to 200 characters"),
+        ({"name": " padded "}, "has surrounding spaces or control characters"),
+        ({"name": "tab\there"}, "has surrounding spaces or control characters"),
+        ({"name": "x" * 201}, "task name must be 1 to 200 characters"),
+    ],
+    ids=["scope", "scope-none", "negative-frequency", "negative-timedelta",
+         "string-frequency", "bool-frequency", "infinite-frequency",
+         "nan-frequency", "zero-timeout", "zero-attempts", "float-attempts",
+         "priority-range", "priority-type", "empty-queue", "padded-name",
+         "control-name", "long-name"],
+)
+def test_bad_settings_are_refused_where_the_function_is(settings, message):
+    def bad(params, context):
+        pass
+
+    with pytest.raises(TaskError) as refused:
+        task(**settings)(bad)
+
+    assert message in str(refused.value)
+    assert str(refused.value).startswith(f"{__file__}:")
+
+
+# --- the registry --------------------------------------------------------------
+
+
+def test_the_registry_finds_tasks_by_name():
+    @task(name="unit_reg_b", frequency=10)
+    def b(params, context):
+        pass
+
+    @task(name="unit_reg_a", scope="all")
+    def a(params, context):
+        pass
+
+    registry = Registry([b, a, b])
+
+    assert registry.names() == ["unit_reg_a", "unit_reg_b"]
+    assert registry.names(scope="all") == ["unit_reg_a"]
+    assert registry.periodic() == [b]
+    assert registry.get("unit_reg_a") is a
+    assert "unit_reg_b" in registry
+    assert len(registry) == 2
+    with pytest.raises(TaskNotFound, match="no task named 'missing' is loaded"):
+        registry.get("missing")
+
+
+# --- loading a folder -----------------------------------------------------------
+
+
+def test_every_module_and_subpackage_is_loaded(tasks_folder):
+    folder = tasks_folder({
+        "emails.py": """
+            from dbtasks import task
+
+            @task(name="unit_send")
+            def send(params, context):
+                '''Send one.'''
+        """,
+        "reports/__init__.py": "",
+        "reports/monthly.py": """
+            from dbtasks import task
+
+            @task(name="unit_monthly", frequency=60)
+            def monthly(params, context):
+                pass
+        """,
+    })
+
+    registry = load_tasks(folder)
+
+    assert registry.names() == ["unit_monthly", "unit_send"]
+    assert registry.get("unit_send").description == "Send one."
+
+
+def test_relative_imports_work_and_no_module_is_imported_twice(tasks_folder):
+    folder = tasks_folder({
+        "shared.py": """
+            from pathlib import Path
+
+            with Path(__file__).with_name("imports.log").open("a") as log:
+                log.write("shared\\n")
+            GREETING = "hello"
+        """,
+        "first.py": """
+            from dbtasks import task
+            from .shared import GREETING
+
+            @task(name="unit_first")
+            def first(params, context):
+                return GREETING
+        """,
+        "second.py": """
+            from dbtasks import task
+            from . import shared
+            from .first import first
+
+            @task(name="unit_second")
+            def second(params, context):
+                return shared.GREETING + " again"
+        """,
+    })
+
+    registry = load_tasks(folder)
+    again = load_tasks(folder)
+
+    assert registry.names() == ["unit_first", "unit_second"]
+    assert run_inline(registry.get("unit_first")) == "hello"
+    assert run_inline(registry.get("unit_second")) == "hello again"
+    assert again.get("unit_first") is registry.get("unit_first")
+    assert (folder / "imports.log").read_text() == "shared\n"
+
+
+def test_a_package_the_application_imported_is_reused(tasks_folder, monkeypatch):
+    folder = tasks_folder({
+        "jobs.py": """
+            from pathlib import Path
+            from dbtasks import task
+
+            with Path(__file__).with_name("imports.log").open("a") as log:
+                log.write("jobs\\n")
+
+            @task(name="unit_reused")
+            def reused(params, context):
+                pass
+        """,
+    })
+    monkeypatch.syspath_prepend(str(folder.parent))
+    imported = __import__(f"{folder.name}.jobs", fromlist=["reused"])
+
+    registry = load_tasks(folder)
+
+    assert registry.get("unit_reused") is imported.reused
+    assert (folder / "imports.log").read_text() == "jobs\n"
+
+
+def test_a_folder_without_init_py_is_loaded(tasks_folder):
+    folder = tasks_folder({
+        "plain.py": """
+            from dbtasks import task
+
+            @task(name="unit_no_init")
+            def plain(params, context):
+                pass
+        """,
+    }, init=False)
+
+    assert load_tasks(folder).names() == ["unit_no_init"]
+
+
+def test_a_syntax_error_names_the_file_and_line(tasks_folder):
+    folder = tasks_folder({
+        "good.py": "X = 1\n",
+        "broken.py": "def oops(:\n    pass\n",
+    })
+
+    with pytest.raises(TaskError) as refused:
+        load_tasks(folder)
+
+    assert str(refused.value).startswith(
+        f"{folder / 'broken.py'}:1: syntax error in a task module"
+    )
+
+
+def test_an_import_error_names_the_file_and_the_cause(tasks_folder):
+    folder = tasks_folder({"needs.py": "import a_module_that_is_not_installed\n"})
+
+    with pytest.raises(TaskError) as refused:
+        load_tasks(folder)
+
+    assert str(refused.value) == (
+        f"{folder / 'needs.py'}: the task module failed to import: "
+        "ModuleNotFoundError: No module named 'a_module_that_is_not_installed'"
+    )
+
+
+def test_an_error_in_the_package_init_names_it(tasks_folder):
+    folder = tasks_folder({"__init__.py": "raise RuntimeError('no config')\n"})
+
+    with pytest.raises(TaskError) as refused:
+        load_tasks(folder)
+
+    assert str(refused.value) == (
+        f"{folder / '__init__.py'}: the task module failed to import: "
+        "RuntimeError: no config"
+    )
+    assert folder.name not in sys.modules
+
+
+def test_a_module_that_exits_at_import_is_an_error_not_an_exit(tasks_folder):
+    folder = tasks_folder({
+        "a_fine.py": """
+            from dbtasks import task
+
+            @task(name="unit_half_fine")
+            def fine(params, context):
+                pass
+        """,
+        "b_exits.py": "raise SystemExit(3)\n",
+    })
+
+    with pytest.raises(TaskError) as refused:
+        load_tasks(folder)
+
+    assert str(refused.value) == (
+        f"{folder / 'b_exits.py'}: the task module failed to import: SystemExit: 3"
+    )
+
+
+def test_two_tasks_with_one_name_in_two_files(tasks_folder):
+    source = """
+        from dbtasks import task
+
+        @task(name="unit_twice")
+        def {0}(params, context):
+            pass
+    """
+    folder = tasks_folder({
+        "one.py": source.replace("{0}", "one"),
+        "two.py": source.replace("{0}", "two"),
+    })
+
+    with pytest.raises(DuplicateTask) as refused:
+        load_tasks(folder)
+
+    assert str(refused.value) == (
+        f"task name 'unit_twice' is defined twice: in {folder / 'one.py'} and in "
+        f"{folder / 'two.py'}; rename one of them"
+    )
+
+
+def test_two_tasks_with_one_name_in_one_file(tasks_folder):
+    folder = tasks_folder({
+        "both.py": """
+            from dbtasks import task
+
+            @task(name="unit_twice_here")
+            def first(params, context):
+                pass
+
+            @task(name="unit_twice_here")
+            def second(params, context):
+                pass
+        """,
+    })
+
+    with pytest.raises(DuplicateTask, match="'unit_twice_here' is defined twice"):
+        load_tasks(folder)
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ('scope="everywhere"', "scope must be 'any'"),
+        ("frequency=-30", "frequency must be 0 or more seconds, got -30"),
+        ('frequency="hourly"', "frequency must be a number of seconds"),
+    ],
+    ids=["scope", "negative-frequency", "text-frequency"],
+)
+def test_a_bad_task_in_a_module_names_the_file(tasks_folder, settings, message):
+    folder = tasks_folder({
+        "bad.py": f"""
+            from dbtasks import task
+
+            @task(name="unit_bad", {settings})
+            def bad(params, context):
+                pass
+        """,
+    })
+
+    with pytest.raises(TaskError) as refused:
+        load_tasks(folder)
+
+    text = str(refused.value)
+    assert text.startswith(f"{folder / 'bad.py'}:4: ")
+    assert message in text
+    assert text.endswith(f"(while importing {folder / 'bad.py'})")
+
+
+def test_a_missing_folder(tmp_path):
+    missing = tmp_path / "nowhere"
+
+    with pytest.raises(ConfigError) as refused:
+        load_tasks(missing)
+
+    assert str(refused.value).startswith(f"the tasks folder {missing} does not exist")
+
+
+def test_a_folder_whose_name_is_not_an_identifier(tmp_path):
+    folder = tmp_path / "my-tasks"
+    folder.mkdir()
+
+    with pytest.raises(ConfigError, match="'my-tasks' is not a Python identifier"):
+        load_tasks(folder)
+
+
+def test_a_folder_named_like_an_imported_module(tmp_path):
+    folder = tmp_path / "json"
+    folder.mkdir()
+
+    with pytest.raises(ConfigError, match="a module of that name is already imported"):
+        load_tasks(folder)
+
+
+# --- inline runs ------------------------------------------------------------------
+
+
+@task(name="unit_sync_echo")
+def sync_echo(params, context):
+    return {"params": params, "job": context.job_id, "attempt": context.attempt,
+            "node": context.node, "task": context.task}
+
+
+@task(name="unit_async_echo")
+async def async_echo(params, context):
+    await asyncio.sleep(0)
+    return {"params": params, "node": context.node, "task": context.task}
+
+
+@task(name="unit_raises")
+def raises(params, context):
+    raise LookupError(params["why"])
+
+
+def test_a_plain_task_runs_inline():
+    expected = {"params": {"n": 1}, "job": None, "attempt": 1, "node": "inline",
+                "task": "unit_sync_echo"}
+
+    assert run_inline(sync_echo, {"n": 1}) == expected
+    assert sync_echo({"n": 1}) == expected
+
+
+def test_an_async_task_runs_inline():
+    assert run_inline(async_echo, [1, 2]) == {
+        "params": [1, 2], "node": "inline", "task": "unit_async_echo"
+    }
+
+
+def test_inline_params_default_to_an_empty_dict():
+    assert run_inline(sync_echo)["params"] == {}
+
+
+def test_an_inline_run_takes_a_given_context():
+    context = JobContext(job_id=9, task="unit_sync_echo", attempt=3, node="here",
+                         logger=logging.getLogger("test"))
+
+    result = run_inline(sync_echo, {}, context=context)
+
+    assert (result["job"], result["attempt"], result["node"]) == (9, 3, "here")
+
+
+def test_an_inline_error_reaches_the_caller():
+    with pytest.raises(LookupError, match="on purpose"):
+        run_inline(raises, {"why": "on purpose"})
+
+
+def test_an_async_task_inside_a_running_loop_asks_for_await():
+    async def inside() -> None:
+        run_inline(async_echo, {})
+
+    with pytest.raises(TaskError, match=r"await task.fn\(params, context\)"):
+        asyncio.run(inside())
+
+
+def test_an_inline_context_has_no_transaction():
+    @task(name="unit_wants_transaction")
+    def wants(params, context):
+        return context.transaction()
+
+    with pytest.raises(TaskError, match="needs a worker"):
+        run_inline(wants)
