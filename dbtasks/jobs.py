@@ -124,18 +124,22 @@ def _prepare(
     if known is None:
         _check_text(name, "the task name", 200)
 
-    defaults = known or Task(name=name, fn=lambda *_: None)
+    # What the caller leaves out comes from the task: from its definition if
+    # this process loaded it, else from a worker's registration (_insert_job).
+    if known is not None:
+        priority = known.priority if priority is None else priority
+        queue = known.queue if queue is None else queue
+        max_attempts = known.max_attempts if max_attempts is None else max_attempts
     return {
         "task": name,
         "params": encode_params(params),
         "run_at": _check_run_at(run_at),
-        "priority": _check_priority(defaults.priority if priority is None else priority),
-        "queue": _check_queue(defaults.queue if queue is None else queue),
+        "priority": None if priority is None else _check_priority(priority),
+        "queue": None if queue is None else _check_queue(queue),
         "idempotency_key": _check_key(idempotency_key),
-        "max_attempts": _check_attempts(
-            defaults.max_attempts if max_attempts is None else max_attempts
-        ),
-        "_check_name": known is None and not not_yet_deployed,
+        "max_attempts": None if max_attempts is None else _check_attempts(max_attempts),
+        "_look_up": known is None,
+        "_must_be_registered": known is None and not not_yet_deployed,
     }
 
 
@@ -224,8 +228,8 @@ def _insert(conn: Connection, job: dict[str, Any], schema: str | None) -> int:
 
 
 def _insert_job(conn: Connection, job: dict[str, Any]) -> int:
-    if job["_check_name"]:
-        _check_registered(conn, job["task"])
+    if job["_look_up"]:
+        job = _with_registered_defaults(conn, job)
 
     dialect = conn.dialect.name
     statement = queries.insert_job(
@@ -250,15 +254,34 @@ def _is_missing_table(exc: DBAPIError) -> bool:
     return code == "42P01" or "no such table" in str(exc.orig)
 
 
-def _check_registered(conn: Connection, name: str) -> None:
+def _with_registered_defaults(conn: Connection, job: dict[str, Any]) -> dict[str, Any]:
+    """Fill what the caller left out from a worker's registration of the task.
+
+    A name no worker registered is refused, unless the caller said the task is
+    yet to be deployed; then dbtasks' defaults apply.
+    """
+    registered: dict[str, Any] | None = None
     for (tasks,) in conn.execute(queries.registered_tasks):
-        if name in json.loads(tasks):
-            return
-    raise TaskNotFound(
-        f"no task named {name!r} is loaded in this process or registered by any "
-        "worker; check the name, import the module that defines it, or pass "
-        "not_yet_deployed=True if a worker with it is still to be deployed"
-    )
+        registered = json.loads(tasks).get(job["task"])
+        if registered is not None:
+            break
+    if registered is None and job["_must_be_registered"]:
+        raise TaskNotFound(
+            f"no task named {job['task']!r} is loaded in this process or registered "
+            "by any worker; check the name, import the module that defines it, or "
+            "pass not_yet_deployed=True if a worker with it is still to be deployed"
+        )
+    if not isinstance(registered, dict):
+        registered = {}  # a registration without settings: dbtasks' defaults
+    job = dict(job)
+    for key, default in (
+        ("priority", 0),
+        ("queue", DEFAULT_QUEUE),
+        ("max_attempts", DEFAULT_MAX_ATTEMPTS),
+    ):
+        if job[key] is None:
+            job[key] = registered.get(key, default)
+    return job
 
 
 __all__ = ["enqueue", "DEFAULT_QUEUE", "DEFAULT_MAX_ATTEMPTS"]

@@ -97,8 +97,11 @@ job_id_by_idempotency_key: Select[Any] = select(jobs.c.id).where(
     jobs.c.idempotency_key == bindparam("idempotency_key")
 )
 
-#: Every node's task list, to accept a task name no local module defines.
-registered_tasks: Select[Any] = select(nodes.c.tasks)
+#: Every node's task list, newest registration first: to accept a task name
+#: no local module defines, with the settings its newest worker declared.
+registered_tasks: Select[Any] = select(nodes.c.tasks).order_by(
+    nodes.c.registered_at.desc()
+)
 
 
 # --- nodes -----------------------------------------------------------------
@@ -113,7 +116,10 @@ def _node_alive(node_timeout: Any) -> Any:
 
 @functools.cache
 def register_node(dialect: str) -> Insert:
-    """Add this node's row; does nothing if the name is taken (see take_over)."""
+    """Add this node's row; returns no row if the name is taken (see take_over).
+
+    Inserts that may do nothing return what they added: an INSERT's rowcount
+    is not reliable across drivers (-1 with psycopg under SQLAlchemy 2.1)."""
     return (
         _insert(dialect)(nodes)
         .values(
@@ -127,6 +133,7 @@ def register_node(dialect: str) -> Insert:
             heartbeat_at=utcnow(),
         )
         .on_conflict_do_nothing(index_elements=[nodes.c.name])
+        .returning(nodes.c.name)
     )
 
 
@@ -530,6 +537,7 @@ def enqueue_next_in_series(dialect: str) -> Insert:
             index_elements=[jobs.c.schedule],
             index_where=jobs.c.state.in_(OPEN_STATES),
         )
+        .returning(jobs.c.id)
     )
 
 
@@ -556,6 +564,7 @@ def create_schedule(dialect: str) -> Insert:
             updated_at=utcnow(),
         )
         .on_conflict_do_nothing(index_elements=[schedules.c.task])
+        .returning(schedules.c.task)
     )
 
 
@@ -609,6 +618,7 @@ def ensure_series_job(dialect: str) -> Insert:
             index_elements=[jobs.c.schedule],
             index_where=jobs.c.state.in_(OPEN_STATES),
         )
+        .returning(jobs.c.id)
     )
 
 

@@ -35,7 +35,7 @@ def sync_schedules(conn: Connection, registry: Registry) -> None:
     dialect = conn.dialect.name
     for task in registry.periodic():
         values = {"schedule_task": task.name, "frequency": task.frequency}
-        if conn.execute(queries.create_schedule(dialect), values).rowcount:
+        if conn.execute(queries.create_schedule(dialect), values).first():
             logger.info(
                 "created schedule of %s, every %gs",
                 task.name,
@@ -83,7 +83,7 @@ def ensure_series(conn: Connection, registry: Registry) -> None:
             "series_priority": task.priority,
             "series_max_attempts": task.max_attempts,
         }
-        if conn.execute(statement, values).rowcount:
+        if conn.execute(statement, values).first():
             logger.info(
                 "enqueued next job of %s",
                 task.name,

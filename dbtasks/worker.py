@@ -79,6 +79,12 @@ class RunningJob:
     recorded: bool = False
     abandoned: bool = False
 
+    @property
+    def key(self) -> tuple[int, str | None, str]:
+        """This run's key: a job's id alone is not enough, since a timed-out
+        run's abandoned thread may still end while the job runs again."""
+        return (self.job.id, self.job.node, self.job.token)
+
     def fields(self, node: str) -> dict[str, Any]:
         return {
             "job_id": self.job.id,
@@ -111,7 +117,7 @@ class Worker:
         self._any_tasks = registry.names("any")
         self._all_tasks = registry.names("all")
         self._queues = list(config.queues)
-        self._running: dict[tuple[int, str | None], RunningJob] = {}
+        self._running: dict[tuple[int, str | None, str], RunningJob] = {}
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stopping = threading.Event()
@@ -196,7 +202,7 @@ class Worker:
             "queues": json.dumps(self._queues),
             "node_timeout": self.config.node_timeout,
         }
-        if conn.execute(queries.register_node(conn.dialect.name), values).rowcount:
+        if conn.execute(queries.register_node(conn.dialect.name), values).first():
             return
         if conn.execute(queries.take_over_node, values).rowcount:
             # The name's last holder is dead: its jobs carry this name as owner
@@ -372,7 +378,7 @@ class Worker:
         if running.task.timeout is not None:
             running.deadline = running.started + running.task.timeout
         with self._lock:
-            self._running[(job.id, job.node)] = running
+            self._running[running.key] = running
         logger.info(
             "started %s job %s, attempt %d",
             job.task,
@@ -393,7 +399,7 @@ class Worker:
                 self._record(running, classify(running.job, error))
         finally:
             with self._lock:
-                self._running.pop((running.job.id, running.job.node), None)
+                self._running.pop(running.key, None)
             self._wake.set()
 
     def _call_task(self, running: RunningJob) -> BaseException | None:
@@ -412,17 +418,24 @@ class Worker:
     def _run_coroutine(self, running: RunningJob, params: Any, context: Any) -> None:
         loop = self._event_loop()
         coroutine = asyncio.wait_for(
-            running.task.fn(params, context), timeout=running.task.timeout
+            _contained(running.task.fn(params, context)), timeout=running.task.timeout
         )
-        asyncio.run_coroutine_threadsafe(coroutine, loop).result()
+        try:
+            asyncio.run_coroutine_threadsafe(coroutine, loop).result()
+        except _Escaped as escaped:
+            raise escaped.error from None
 
     def _event_loop(self) -> asyncio.AbstractEventLoop:
         with self._lock:
-            if self._loop is None:
-                self._loop = asyncio.new_event_loop()
-                threading.Thread(
-                    target=self._loop.run_forever, name="dbtasks-asyncio", daemon=True
-                ).start()
+            if self._loop is None or not self._loop.is_running():
+                loop = asyncio.new_event_loop()
+                thread = threading.Thread(
+                    target=loop.run_forever, name="dbtasks-asyncio", daemon=True
+                )
+                thread.start()
+                while not loop.is_running():
+                    time.sleep(0.001)
+                self._loop = loop
             return self._loop
 
     def _context(self, running: RunningJob) -> JobContext:
@@ -551,7 +564,7 @@ class Worker:
             )
             self._record(running, classify(running.job, timeout))
             with self._lock:
-                self._running.pop((running.job.id, running.job.node), None)
+                self._running.pop(running.key, None)
             logger.warning(
                 "job %s timed out; its thread cannot be stopped and keeps running",
                 running.job.id,
@@ -611,6 +624,27 @@ class Worker:
                 exc.orig,
                 extra={"event": "worker.shutdown_unrecorded", "node": self.node},
             )
+
+
+class _Escaped(Exception):
+    """Carries a task's SystemExit or KeyboardInterrupt out of the event loop.
+
+    Raised as is inside a coroutine, those end `run_forever` and with it every
+    async job of the worker; wrapped, they fail only their own job.
+    """
+
+    def __init__(self, error: BaseException):
+        super().__init__(repr(error))
+        self.error = error
+
+
+async def _contained(awaitable: Any) -> Any:
+    try:
+        return await awaitable
+    except (Exception, asyncio.CancelledError):
+        raise
+    except BaseException as error:  # noqa: B036 - SystemExit, KeyboardInterrupt
+        raise _Escaped(error) from error
 
 
 def _last_line(error: str | None) -> str:

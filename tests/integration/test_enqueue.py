@@ -228,14 +228,24 @@ def test_a_name_registered_by_a_worker_node_is_accepted(app, engine):
     with engine.begin() as conn:
         conn.execute(insert(nodes).values(
             name="elsewhere:1:abc", hostname="elsewhere", pid=1,
-            tasks='{"only_on_that_node": "any"}', queues='["default"]',
+            tasks='{"only_on_that_node": {"scope": "any", "queue": "reports", '
+            '"priority": 7, "max_attempts": 9}}', queues='["reports"]',
             registered_at=utcnow(), heartbeat_at=utcnow(),
         ))
 
     with app.begin() as conn:
         job_id = enqueue(conn, "only_on_that_node")
+        overridden = enqueue(conn, "only_on_that_node", priority=1, queue="other",
+                             max_attempts=2)
 
-    assert [row[:2] for row in job_rows(engine)] == [(job_id, "only_on_that_node")]
+    # What the caller leaves out comes from the worker's registration.
+    assert sql(
+        engine, "SELECT id, task, queue, priority, max_attempts FROM dbtasks_jobs "
+        "ORDER BY id"
+    ) == [
+        (job_id, "only_on_that_node", "reports", 7, 9),
+        (overridden, "only_on_that_node", "other", 1, 2),
+    ]
 
 
 @pytest.mark.parametrize("name", NASTY_NAMES)
