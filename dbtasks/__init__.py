@@ -18,7 +18,7 @@ from dbtasks.errors import (
     TaskError,
     TaskNotFound,
 )
-from dbtasks.jobs import enqueue
+from dbtasks.jobs import enqueue, enqueue_many
 from dbtasks.schema import CompletionState, JobState, metadata
 from dbtasks.tasks import JobContext, Registry, Task, load_tasks, run_inline, task
 from dbtasks.worker import Worker
@@ -32,6 +32,7 @@ __all__ = [
     "load_tasks",
     # jobs
     "enqueue",
+    "enqueue_many",
     "run_inline",
     "JobState",
     "CompletionState",

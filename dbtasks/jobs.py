@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Iterable, Iterator
+from contextlib import contextmanager
 from datetime import datetime, timedelta
 from typing import Any, overload
 
@@ -85,7 +86,51 @@ def enqueue(
         schema = os.environ.get("DBTASKS_SCHEMA") or None
 
     if hasattr(target, "run_sync"):
-        return _enqueue_async(target, job, schema)
+        return _run_async(target, _insert, job, schema)
+    return _run(target, _insert, job, schema)
+
+
+def enqueue_many(
+    target: Any,
+    task: Task | str,
+    params_list: Iterable[Any],
+    *,
+    run_at: datetime | None = None,
+    priority: int | None = None,
+    queue: str | None = None,
+    max_attempts: int | None = None,
+    not_yet_deployed: bool = False,
+    schema: str | None = _UNSET,
+) -> Any:
+    """Enqueue one job per params value in the caller's transaction; return the ids.
+
+    The bulk form of `enqueue`, for thousands of jobs at once: every params
+    value is checked first, then the rows go in a few multi-row INSERTs
+    (PostgreSQL takes at most 65,535 bound values per statement), and the ids
+    come back in the order of `params_list`. The other options apply to every
+    job; idempotency keys are for one job at a time (use `enqueue`).
+    """
+    template = _prepare(
+        task,
+        None,
+        run_at=run_at,
+        priority=priority,
+        queue=queue,
+        idempotency_key=None,
+        max_attempts=max_attempts,
+        not_yet_deployed=not_yet_deployed,
+    )
+    params = [encode_params(value) for value in params_list]
+    if schema is _UNSET:
+        schema = os.environ.get("DBTASKS_SCHEMA") or None
+    arguments = (_insert_many, template, params, schema)
+
+    if hasattr(target, "run_sync"):
+        return _run_async(target, *arguments)
+    return _run(target, *arguments)
+
+
+def _run(target: Any, function: Any, *arguments: Any) -> Any:
     if isinstance(target, Session):
         target = target.connection()
     if not isinstance(target, Connection):
@@ -93,16 +138,15 @@ def enqueue(
             "enqueue() needs a SQLAlchemy Session or Connection (or their asyncio "
             f"versions), got {type(target).__name__}"
         )
-    return _insert(target, job, schema)
+    return function(target, *arguments)
 
 
-async def _enqueue_async(target: Any, job: dict[str, Any], schema: str | None) -> int:
+async def _run_async(target: Any, function: Any, *arguments: Any) -> Any:
     from sqlalchemy.ext.asyncio import AsyncSession
 
     if isinstance(target, AsyncSession):
         target = await target.connection()
-    result: int = await target.run_sync(_insert, job, schema)
-    return result
+    return await target.run_sync(function, *arguments)
 
 
 def _prepare(
@@ -214,10 +258,38 @@ def _check_attempts(value: Any) -> int:
 
 
 def _insert(conn: Connection, job: dict[str, Any], schema: str | None) -> int:
+    with _schema_errors():
+        return _insert_job(_in_schema(conn, schema), job)
+
+
+def _insert_many(
+    conn: Connection, template: dict[str, Any], params: list[str], schema: str | None
+) -> list[int]:
+    if not params:
+        return []
+    with _schema_errors():
+        conn = _in_schema(conn, schema)
+        if template["_look_up"]:
+            template = _with_registered_defaults(conn, template)
+        statement = queries.insert_jobs(
+            conn.dialect.name, with_run_at=template["run_at"] is not None
+        )
+        shared = {k: v for k, v in template.items() if not k.startswith("_")}
+        rows = [{**shared, "params": text} for text in params]
+        return [int(job_id) for (job_id,) in conn.execute(statement, rows)]
+
+
+def _in_schema(conn: Connection, schema: str | None) -> Connection:
     if schema:
-        conn = conn.execution_options(schema_translate_map={None: schema})
+        return conn.execution_options(schema_translate_map={None: schema})
+    return conn
+
+
+@contextmanager
+def _schema_errors() -> Iterator[None]:
+    """Turn "no such table" into an error that says to run `dbtasks migrate`."""
     try:
-        return _insert_job(conn, job)
+        yield
     except DBAPIError as exc:
         if _is_missing_table(exc):
             raise SchemaError(
@@ -284,4 +356,4 @@ def _with_registered_defaults(conn: Connection, job: dict[str, Any]) -> dict[str
     return job
 
 
-__all__ = ["enqueue", "DEFAULT_QUEUE", "DEFAULT_MAX_ATTEMPTS"]
+__all__ = ["enqueue", "enqueue_many", "DEFAULT_QUEUE", "DEFAULT_MAX_ATTEMPTS"]

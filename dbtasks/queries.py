@@ -71,12 +71,21 @@ def insert_job(dialect: str, *, with_run_at: bool, idempotent: bool) -> Insert:
     A `run_at` in the past is stored as now, so that an old due time does not
     jump ahead of jobs enqueued before it.
     """
+    statement = _new_job(dialect, with_run_at)
+    if idempotent:
+        statement = statement.on_conflict_do_nothing(
+            index_elements=[jobs.c.idempotency_key]
+        )
+    return statement.returning(jobs.c.id)
+
+
+def _new_job(dialect: str, with_run_at: bool) -> Insert:
     run_at = (
         later_of(bindparam("run_at", type_=jobs.c.run_at.type), utcnow())
         if with_run_at
         else utcnow()
     )
-    statement = _insert(dialect)(jobs).values(
+    return _insert(dialect)(jobs).values(
         task=bindparam("task"),
         queue=bindparam("queue"),
         params=bindparam("params"),
@@ -86,11 +95,18 @@ def insert_job(dialect: str, *, with_run_at: bool, idempotent: bool) -> Insert:
         run_at=run_at,
         created_at=utcnow(),
     )
-    if idempotent:
-        statement = statement.on_conflict_do_nothing(
-            index_elements=[jobs.c.idempotency_key]
-        )
-    return statement.returning(jobs.c.id)
+
+
+@functools.cache
+def insert_jobs(dialect: str, *, with_run_at: bool) -> Insert:
+    """Insert many jobs in one execution, returning their ids in the rows' order.
+
+    Executed with a list of rows, SQLAlchemy sends multi-row INSERTs in pages
+    small enough for PostgreSQL's limit on bound values ("insertmanyvalues").
+    """
+    return _new_job(dialect, with_run_at).returning(
+        jobs.c.id, sort_by_parameter_order=True
+    )
 
 
 job_id_by_idempotency_key: Select[Any] = select(jobs.c.id).where(
