@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -101,7 +102,24 @@ def worker(config: Config, queues: str, node_timeout: float | None,
             **options,
         )
 
-    _guard(lambda: commands.worker(_guard(build)))
+    if _guard(lambda: commands.worker(_guard(build))):
+        _restart_in_place()
+
+
+def _restart_in_place() -> None:
+    """Replace this process with a fresh worker: same PID, same arguments.
+
+    The only way to end a task thread that ran past its timeout and would not
+    return (see Worker._retire_if_stuck).
+    """
+    logging.getLogger("dbtasks.worker").warning(
+        "restarting the worker process", extra={"event": "worker.restarting"}
+    )
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
 
 
 @main.command()

@@ -34,13 +34,19 @@ def migrate(config: Config) -> None:
         engine.dispose()
 
 
-def worker(config: Config) -> None:
-    """Run a worker on the tasks folder until SIGTERM or SIGINT."""
+def worker(config: Config) -> bool:
+    """Run a worker on the tasks folder until SIGTERM or SIGINT.
+
+    Returns True if the worker retired because a timed-out task's thread
+    would not end: the caller should then start a fresh process.
+    """
     registry = load_tasks(config.tasks_path)
+    worker = Worker(config, registry)
     try:
-        Worker(config, registry).run()
+        worker.run()
     except DBAPIError as exc:
         raise database_error(config, exc) from exc
+    return worker.retired
 
 
 def enqueue(

@@ -59,6 +59,10 @@ HOUSEKEEPING_INTERVAL = 60.0
 #: Seconds between rescues of jobs whose worker is known dead (PostgreSQL).
 RESCUE_INTERVAL = 1.0
 
+#: Seconds a timed-out plain function may keep running on its abandoned thread
+#: before the worker retires (see Worker._retire_if_stuck).
+ABANDONED_THREAD_LIMIT = 10.0
+
 #: Longest wait between retries of the loop while the database is down.
 MAX_OUTAGE_BACKOFF = 15.0
 
@@ -78,6 +82,7 @@ class RunningJob:
     deadline: float | None = None
     recorded: bool = False
     abandoned: bool = False
+    thread: threading.Thread | None = None
 
     @property
     def key(self) -> tuple[int, str | None, str]:
@@ -129,6 +134,10 @@ class Worker:
         self._next_rescue = 0.0
         self._next_housekeeping = 0.0
         self._outage = False
+        self._abandoned: list[tuple[threading.Thread, float]] = []
+        #: Set when the worker stopped because a timed-out thread would not
+        #: end; the CLI then starts the process afresh (cli.worker).
+        self.retired = False
 
     # --- lifecycle ----------------------------------------------------------
 
@@ -267,6 +276,9 @@ class Worker:
     def _iterate(self) -> None:
         self._maintain_if_due()
         self._enforce_timeouts()
+        self._retire_if_stuck()
+        if self._stopping.is_set():
+            return
         free = self.config.concurrency - len(self._running)
         claimed = self._claim(free) if free > 0 else []
         for job in claimed:
@@ -390,6 +402,7 @@ class Worker:
             target=self._run_job, args=(running,), name=f"dbtasks-job-{job.id}"
         )
         thread.daemon = True
+        running.thread = thread
         thread.start()
 
     def _run_job(self, running: RunningJob) -> None:
@@ -543,9 +556,10 @@ class Worker:
     def _enforce_timeouts(self) -> None:
         """Fail plain-function jobs past their timeout and free their slots.
 
-        LIMITATION: a thread cannot be stopped from outside, so the function
-        keeps running on its abandoned thread until it returns; what it then
-        tries to record is refused. `async def` tasks are cancelled instead.
+        A thread cannot be stopped from outside, so the function keeps running
+        on its abandoned thread; what it then tries to record is refused, and
+        if it does not end soon the worker retires (_retire_if_stuck).
+        `async def` tasks are cancelled instead.
         """
         now = time.monotonic()
         with self._lock:
@@ -558,6 +572,8 @@ class Worker:
             ]
         for running in late:
             running.abandoned = True
+            if running.thread is not None:
+                self._abandoned.append((running.thread, now))
             timeout = TimeoutError(
                 f"task {running.task.name} ran past its timeout of "
                 f"{running.task.timeout:g}s"
@@ -570,6 +586,30 @@ class Worker:
                 running.job.id,
                 extra={"event": "job.timed_out", **running.fields(self.node)},
             )
+
+    def _retire_if_stuck(self) -> None:
+        """Retire the worker when a timed-out thread will not end.
+
+        A thread cannot be stopped from outside. One that runs on long past
+        its task's timeout holds memory, connections, maybe locks, for good;
+        the only way to end it is to end the process. So the worker stops
+        claiming, gives its other jobs the shutdown grace, hands back the rest
+        and, under the CLI, starts again in place (same PID and arguments).
+        """
+        now = time.monotonic()
+        self._abandoned = [(t, since) for t, since in self._abandoned if t.is_alive()]
+        stuck = [since for _, since in self._abandoned
+                 if now - since > ABANDONED_THREAD_LIMIT]
+        if not stuck or self._stopping.is_set():
+            return
+        logger.error(
+            "a timed-out task has kept running %.0fs past its timeout and cannot be "
+            "stopped; retiring this worker: it finishes its other jobs, then restarts",
+            now - min(stuck),
+            extra={"event": "worker.retiring", "node": self.node},
+        )
+        self.retired = True
+        self.stop()
 
     # --- shutdown ---------------------------------------------------------------------
 

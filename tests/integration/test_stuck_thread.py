@@ -1,0 +1,49 @@
+"""A plain function that will not end after its timeout retires its worker.
+
+The worker fails the job at the timeout at once; when the thread is still
+running ABANDONED_THREAD_LIMIT seconds later, the worker finishes its other
+jobs and starts afresh in the same process, which ends the thread.
+"""
+
+from __future__ import annotations
+
+from dbtasks import enqueue
+from tests.app_tasks.basic import record
+from tests.app_tasks.hangs import hangs
+from tests.conftest import sql, wait_for
+
+
+def test_a_thread_stuck_past_its_timeout_restarts_the_worker_in_place(
+    pg_url, engine_pg, start_worker
+):
+    worker = start_worker(pg_url, "--node", "stuck")
+    with engine_pg.begin() as conn:
+        stuck = enqueue(conn, hangs)
+    wait_for(
+        lambda: sql(engine_pg, "SELECT state FROM dbtasks_jobs WHERE id = :id",
+                    id=stuck) == [("failed",)],
+        message="the timed-out job to fail",
+    )
+    with engine_pg.begin() as conn:
+        meanwhile = enqueue(conn, record, {"sleep": 1})
+
+    wait_for(lambda: worker.output.count("worker stuck started") == 2, timeout=40,
+             message="the worker to restart")
+    assert "retiring this worker" in worker.output
+    assert worker.process.poll() is None  # the same process, started afresh
+
+    with engine_pg.begin() as conn:
+        after = enqueue(conn, record)
+    for job_id in (meanwhile, after):
+        wait_for(
+            lambda job_id=job_id: sql(
+                engine_pg, "SELECT state FROM dbtasks_jobs WHERE id = :id", id=job_id
+            ) == [("succeeded",)],
+            message=f"job {job_id} to succeed",
+        )
+    # The stuck thread died with the old process image: it never ended its run.
+    assert sql(engine_pg, "SELECT event FROM test_runs WHERE job_id = :id",
+               id=stuck) == [("start",)]
+    assert sql(engine_pg, "SELECT name, stopped_at IS NULL FROM dbtasks_nodes") == [
+        ("stuck", True)
+    ]
