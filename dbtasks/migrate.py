@@ -18,7 +18,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, Engine, column, inspect, select, table
 
 from dbtasks.errors import SchemaError
-from dbtasks.schema import VERSION_TABLE
+from dbtasks.schema import VERSION_TABLE, schema_info
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +62,15 @@ def upgrade(engine: Engine, schema: str | None, revision: str = "head") -> None:
     with engine.connect() as connection:
         before = current_revision(connection, schema)
         if before is not None and before not in known_revisions():
-            check_revision(before)  # newer than this code: says to upgrade dbtasks
+            # Migrated by a newer dbtasks: nothing this code can do. Say so,
+            # and whether this code may still run on it.
+            check_revision(before, compatible_from(connection, schema))
+            logger.info(
+                "schema at revision %s, newer than this dbtasks and declared "
+                "compatible with it: nothing to migrate",
+                before,
+            )
+            return
         # Alembic joins a transaction already begun instead of committing its
         # own, so end the one the read above began, and commit at the end.
         connection.rollback()
@@ -83,17 +91,33 @@ def current_revision(connection: Connection, schema: str | None) -> str | None:
     return connection.execute(select(version.c.version_num)).scalar()
 
 
+def compatible_from(connection: Connection, schema: str | None) -> str | None:
+    """The oldest revision whose code may run on this schema (schema.schema_info)."""
+    info = schema_info.c
+    query = select(info.value).where(info.key == "compatible_from")
+    connection = connection.execution_options(schema_translate_map={None: schema})
+    return connection.execute(query).scalar()
+
+
 def require_current_schema(engine: Engine, schema: str | None) -> None:
-    """Refuse to run against a schema that is missing or not at this code's head."""
+    """Refuse to run against a schema that is missing, older, or newer and
+    not declared compatible with this code."""
     # A DBAPIError (server unreachable, bad password) goes up as it is: the
     # caller turns it into one line without the password (commands.py).
     with engine.connect() as connection:
         current = current_revision(connection, schema)
-    check_revision(current)
+        compatible = None
+        if current is not None and current not in known_revisions():
+            compatible = compatible_from(connection, schema)
+    check_revision(current, compatible)
 
 
-def check_revision(current: str | None) -> None:
-    """Raise SchemaError unless `current` is this code's head revision."""
+def check_revision(current: str | None, compatible: str | None = None) -> None:
+    """Raise SchemaError unless this code may run on a schema at `current`.
+
+    It may at its own head, and at a newer revision it does not know if that
+    revision declared itself compatible with a revision this code knows.
+    """
     head = head_revision()
     if current == head:
         return
@@ -102,13 +126,24 @@ def check_revision(current: str | None) -> None:
             "the database has no dbtasks tables yet: run `dbtasks migrate` "
             "(with the same --database-url) before starting workers"
         )
-    if current in known_revisions():
+    known = known_revisions()
+    if current in known:
         raise SchemaError(
             f"the database's dbtasks schema is at revision {current}, older than "
             f"this code's {head}: run `dbtasks migrate` to upgrade it"
         )
+    if compatible is not None and compatible in known:
+        logger.warning(
+            "the database's dbtasks schema is at revision %s, newer than this "
+            "code's %s, and declared compatible with it: running; upgrade "
+            "dbtasks here when you can",
+            current,
+            head,
+        )
+        return
     raise SchemaError(
         f"the database's dbtasks schema is at revision {current}, which this "
         f"version of dbtasks (head {head}) does not know: it was migrated by a "
-        "newer dbtasks; upgrade dbtasks on this machine"
+        "newer dbtasks that is not compatible with this one; upgrade dbtasks on "
+        "this machine"
     )

@@ -191,7 +191,8 @@ nodes = Table(
     Column("name", String(200), primary_key=True),
     Column("hostname", String(255), nullable=False),
     Column("pid", Integer, nullable=False),
-    # JSON object of the tasks this node runs: {"task name": "any" | "all"}.
+    # JSON object of the tasks this node runs and their settings:
+    # {"task name": {"scope": "any", "queue": ..., "max_attempts": ...}}.
     Column("tasks", Text, nullable=False),
     # JSON list of the queues this node serves.
     Column("queues", Text, nullable=False),
@@ -202,3 +203,17 @@ nodes = Table(
     # while it lives (see lease.Lifeline); NULL on SQLite or without one.
     Column("lifeline_key", BigInteger),
 )
+
+schema_info = Table(
+    f"{PREFIX}schema_info",
+    metadata,
+    Column("key", String(100), primary_key=True),
+    Column("value", String(200), nullable=False),
+)
+"""Facts about the schema that older code must be able to read.
+
+`compatible_from`: the oldest revision whose code can still run on this
+schema. A migration that older code survives (a new index, a new nullable
+column) leaves it; one that breaks older code moves it to itself. Code that
+finds the schema at a revision it does not know runs if it knows this one
+(migrate.check_revision)."""

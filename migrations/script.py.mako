@@ -18,6 +18,10 @@ depends_on = ${repr(depends_on)}
 
 
 def upgrade() -> None:
+    # If code of the previous release cannot run on the schema this leaves
+    # (a dropped or renamed column, a new NOT NULL without a default), end
+    # with: op.execute("UPDATE dbtasks_schema_info SET value = '<this revision>'
+    # WHERE key = 'compatible_from'"). See dbtasks.schema.schema_info.
     ${upgrades if upgrades else "pass"}
 
 

@@ -1,4 +1,4 @@
-"""Create the queue's tables: jobs, completions, schedules, nodes.
+"""Create the queue's tables: jobs, completions, schedules, nodes, schema info.
 
 Revision ID: 0001
 Revises:
@@ -140,8 +140,17 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("name", name="pk_dbtasks_nodes"),
     )
 
+    info = op.create_table(
+        "dbtasks_schema_info",
+        sa.Column("key", sa.String(100), nullable=False),
+        sa.Column("value", sa.String(200), nullable=False),
+        sa.PrimaryKeyConstraint("key", name="pk_dbtasks_schema_info"),
+    )
+    op.bulk_insert(info, [{"key": "compatible_from", "value": revision}])
+
 
 def downgrade() -> None:
+    op.drop_table("dbtasks_schema_info")
     op.drop_table("dbtasks_nodes")
     op.drop_table("dbtasks_schedules")
     op.drop_table("dbtasks_completions")

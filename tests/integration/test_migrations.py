@@ -24,10 +24,10 @@ from dbtasks.config import Config, config_from_env
 from dbtasks.database import create_queue_engine
 from dbtasks.schema import PREFIX, VERSION_TABLE, metadata
 from tests.app_tasks.basic import noop
-from tests.conftest import APP_TASKS, ROOT, sql
+from tests.conftest import APP_TASKS, ROOT, sql, wait_for
 
 QUEUE_TABLES = ["dbtasks_completions", "dbtasks_jobs", "dbtasks_nodes",
-                "dbtasks_schedules"]
+                "dbtasks_schedules", "dbtasks_schema_info"]
 
 
 @pytest.fixture
@@ -214,9 +214,22 @@ def _stamp(engine: Engine, revision: str) -> None:
                      {"revision": revision})
 
 
-def test_a_database_from_a_newer_dbtasks_is_refused(queue_engine, empty_url):
+def job_state(engine: Engine, job_id: int) -> str:
+    return sql(engine, "SELECT state FROM dbtasks_jobs WHERE id = :id", id=job_id)[0][0]
+
+
+def _declare_compatible_from(engine: Engine, revision: str) -> None:
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE dbtasks_schema_info SET value = :revision "
+                          "WHERE key = 'compatible_from'"), {"revision": revision})
+
+
+def test_a_database_from_a_newer_incompatible_dbtasks_is_refused(
+    queue_engine, empty_url
+):
     migrate.upgrade(queue_engine, None)
     _stamp(queue_engine, "9999_from_the_future")
+    _declare_compatible_from(queue_engine, "9999_from_the_future")
 
     with pytest.raises(SchemaError) as refused:
         migrate.require_current_schema(queue_engine, None)
@@ -226,7 +239,25 @@ def test_a_database_from_a_newer_dbtasks_is_refused(queue_engine, empty_url):
     for error in (refused.value, by_enqueue.value):
         message = str(error)
         assert "revision 9999_from_the_future" in message
-        assert "migrated by a newer dbtasks; upgrade dbtasks" in message
+        assert "not compatible with this one; upgrade dbtasks" in message
+
+
+def test_a_newer_schema_declared_compatible_is_used_and_left_alone(
+    queue_engine, empty_url, start_worker
+):
+    migrate.upgrade(queue_engine, None)
+    _stamp(queue_engine, "9999_from_the_future")  # compatible_from stays 0001
+
+    migrate.require_current_schema(queue_engine, None)
+    commands.migrate(config_for(empty_url))
+    job_id = commands.enqueue(config_for(empty_url), "noop", {})
+    worker = start_worker(empty_url)
+
+    wait_for(lambda: job_state(queue_engine, job_id) == "succeeded",
+             message="the worker to run the job on the newer schema")
+    with queue_engine.connect() as conn:
+        assert migrate.current_revision(conn, None) == "9999_from_the_future"
+    assert "newer than this code's 0001, and declared compatible" in worker.output
 
 
 def test_migrate_on_a_database_from_a_newer_dbtasks_says_to_upgrade(
@@ -234,6 +265,7 @@ def test_migrate_on_a_database_from_a_newer_dbtasks_says_to_upgrade(
 ):
     migrate.upgrade(queue_engine, None)
     _stamp(queue_engine, "9999_from_the_future")
+    _declare_compatible_from(queue_engine, "9999_from_the_future")
 
     with pytest.raises(DbtasksError, match="upgrade dbtasks"):
         commands.migrate(config_for(empty_url))

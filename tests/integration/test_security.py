@@ -107,7 +107,7 @@ WORKER_GRANTS = """
 GRANT USAGE ON SCHEMA public TO {role};
 GRANT SELECT, INSERT, UPDATE, DELETE ON dbtasks_jobs, dbtasks_completions,
     dbtasks_schedules, dbtasks_nodes TO {role};
-GRANT SELECT ON dbtasks_alembic_version TO {role};
+GRANT SELECT ON dbtasks_alembic_version, dbtasks_schema_info TO {role};
 GRANT SELECT, INSERT ON test_runs TO {role};
 GRANT USAGE ON SEQUENCE test_runs_id_seq TO {role};
 """
