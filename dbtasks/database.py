@@ -14,6 +14,7 @@ from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import URL
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.pool import NullPool
 
 from dbtasks.config import Config
@@ -24,6 +25,17 @@ MIN_SQLITE = (3, 35, 0)
 
 #: How long a SQLite connection waits for another writer before it gives up.
 SQLITE_BUSY_TIMEOUT_MS = 5000
+
+#: PostgreSQL errors that end a transaction but may not recur if it is run
+#: again: serialization failure and deadlock.
+TRANSIENT_SQLSTATES = frozenset({"40001", "40P01"})
+
+
+def is_transient(error: BaseException) -> bool:
+    """Whether running the failed transaction again may well succeed."""
+    if not isinstance(error, DBAPIError):
+        return False
+    return getattr(error.orig, "sqlstate", None) in TRANSIENT_SQLSTATES
 
 
 def create_queue_engine(config: Config, pool_size: int = 5) -> Engine:

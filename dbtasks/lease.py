@@ -30,7 +30,7 @@ from sqlalchemy.exc import DBAPIError
 
 from dbtasks import queries
 from dbtasks.claim import ClaimedJob, _completion_jobs
-from dbtasks.outcomes import FAILED, RETRY, Outcome, finish_all_job, record
+from dbtasks.outcomes import FAILED, RETRY, Outcome, recording
 
 logger = logging.getLogger(__name__)
 
@@ -241,36 +241,37 @@ def rescue_jobs_of_node(conn: Connection, node: str) -> int:
 
 def _rescue(conn: Connection, rows: list[Any], reason: str) -> None:
     """Queue each job again at once, its attempt spent, or fail it if none is left."""
-    for row in rows:
-        job = ClaimedJob(
-            id=row.id,
-            task=row.task,
-            queue=row.queue,
-            params="",
-            attempt=row.attempt,
-            max_attempts=row.max_attempts,
-            priority=row.priority,
-            schedule=row.schedule,
-            token=row.lease_token,
-        )
-        kind = RETRY if job.attempt < job.max_attempts else FAILED
-        record(conn, job, Outcome(kind, error=reason))
-        logger.warning(
-            "rescued job %s (%s) from node %s, %s: %s",
-            job.id,
-            job.task,
-            row.lease_owner,
-            "queued again" if kind == RETRY else "no attempts left, failed",
-            reason,
-            extra={
-                "event": "lease.rescued",
-                "job_id": job.id,
-                "task": job.task,
-                "attempt": job.attempt,
-                "node": row.lease_owner,
-                "reason": reason,
-            },
-        )
+    with recording(conn) as batch:
+        for row in rows:
+            job = ClaimedJob(
+                id=row.id,
+                task=row.task,
+                queue=row.queue,
+                params="",
+                attempt=row.attempt,
+                max_attempts=row.max_attempts,
+                priority=row.priority,
+                schedule=row.schedule,
+                token=row.lease_token,
+            )
+            kind = RETRY if job.attempt < job.max_attempts else FAILED
+            batch.record(job, Outcome(kind, error=reason))
+            logger.warning(
+                "rescued job %s (%s) from node %s, %s: %s",
+                job.id,
+                job.task,
+                row.lease_owner,
+                "queued again" if kind == RETRY else "no attempts left, failed",
+                reason,
+                extra={
+                    "event": "lease.rescued",
+                    "job_id": job.id,
+                    "task": job.task,
+                    "attempt": job.attempt,
+                    "node": row.lease_owner,
+                    "reason": reason,
+                },
+            )
 
 
 def rescue_expired_completions(conn: Connection) -> int:
@@ -282,59 +283,69 @@ def rescue_expired_completions(conn: Connection) -> int:
         row.id: row
         for row in conn.execute(_completion_jobs, {"ids": [r.job_id for r in rows]})
     }
-    for row in rows:
-        parent = details[row.job_id]
-        job = ClaimedJob(
-            id=row.job_id,
-            task=parent.task,
-            queue=parent.queue,
-            params="",
-            attempt=row.attempt,
-            max_attempts=parent.max_attempts,
-            priority=parent.priority,
-            schedule=parent.schedule,
-            token=row.lease_token,
-            node=row.node,
-        )
-        kind = RETRY if job.attempt < job.max_attempts else FAILED
-        record(conn, job, Outcome(kind, error=_EXPIRED))
-        logger.warning(
-            "rescued job %s (%s) run by node %s, %s: %s",
-            job.id,
-            job.task,
-            job.node,
-            "to run again there" if kind == RETRY else "no attempts left, failed",
-            _EXPIRED,
-            extra={
-                "event": "lease.rescued",
-                "job_id": job.id,
-                "task": job.task,
-                "attempt": job.attempt,
-                "node": job.node,
-            },
-        )
+    # Job rows are locked in id order by every transaction that takes several.
+    rows.sort(key=lambda row: row.job_id)
+    with recording(conn) as batch:
+        for row in rows:
+            parent = details[row.job_id]
+            job = ClaimedJob(
+                id=row.job_id,
+                task=parent.task,
+                queue=parent.queue,
+                params="",
+                attempt=row.attempt,
+                max_attempts=parent.max_attempts,
+                priority=parent.priority,
+                schedule=parent.schedule,
+                token=row.lease_token,
+                node=row.node,
+            )
+            kind = RETRY if job.attempt < job.max_attempts else FAILED
+            batch.record(job, Outcome(kind, error=_EXPIRED))
+            logger.warning(
+                "rescued job %s (%s) run by node %s, %s: %s",
+                job.id,
+                job.task,
+                job.node,
+                "to run again there" if kind == RETRY else "no attempts left, failed",
+                _EXPIRED,
+                extra={
+                    "event": "lease.rescued",
+                    "job_id": job.id,
+                    "task": job.task,
+                    "attempt": job.attempt,
+                    "node": job.node,
+                },
+            )
     return len(rows)
 
 
 def drop_dead_nodes(conn: Connection, node_timeout: float) -> int:
     """Drop dead and stopped nodes from open `all` jobs; finish those now done."""
-    dropped = conn.execute(
-        queries.drop_completions_of_dead_nodes, {"node_timeout": node_timeout}
-    ).all()
-    _finish_after_drop(conn, dropped)
-    return len(dropped)
+    values = {"node_timeout": node_timeout}
+    return _drop(conn, queries.lock_jobs_of_dead_nodes,
+                 queries.drop_completions_of_dead_nodes, values)
 
 
 def drop_node(conn: Connection, node: str) -> None:
     """Drop one node (this one, stopping) from the open `all` jobs."""
-    dropped = conn.execute(queries.drop_completions_of_node, {"node_name": node}).all()
+    values = {"node_name": node}
+    _drop(conn, queries.lock_jobs_of_node, queries.drop_completions_of_node, values)
+
+
+def _drop(conn: Connection, lock: Any, drop: Any, values: dict[str, Any]) -> int:
+    job_ids = conn.execute(lock, values).scalars().all()
+    if not job_ids:
+        return 0
+    dropped = conn.execute(drop, {**values, "job_ids": job_ids}).all()
     _finish_after_drop(conn, dropped)
+    return len(dropped)
 
 
 def _finish_after_drop(conn: Connection, dropped: list) -> None:
-    for job_id in sorted({row.job_id for row in dropped}):
-        conn.execute(queries.lock_job, {"job_id": job_id})
-        finish_all_job(conn, job_id)
+    job_ids = sorted({row.job_id for row in dropped})
+    _finish_all_jobs(conn, job_ids)
+    for job_id in job_ids:
         logger.info(
             "dropped dead or stopped nodes from all job %s",
             job_id,
@@ -344,8 +355,14 @@ def _finish_after_drop(conn: Connection, dropped: list) -> None:
 
 def finish_stranded_all_jobs(conn: Connection) -> int:
     """Finish `all` jobs whose nodes are all done but that were left running."""
-    ids = conn.execute(queries.stranded_all_jobs).scalars().all()
-    for job_id in ids:
-        conn.execute(queries.lock_job, {"job_id": job_id})
-        finish_all_job(conn, job_id)
-    return len(ids)
+    job_ids = sorted(conn.execute(queries.stranded_all_jobs).scalars().all())
+    _finish_all_jobs(conn, job_ids)
+    return len(job_ids)
+
+
+def _finish_all_jobs(conn: Connection, job_ids: list[int]) -> None:
+    """Finish each `all` job whose set of nodes is done; ids in ascending order."""
+    with recording(conn) as batch:
+        for job_id in job_ids:
+            conn.execute(queries.lock_job, {"job_id": job_id})
+            batch.finish_all_job(job_id)

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import random
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from sqlalchemy import Connection
@@ -20,7 +22,7 @@ from sqlalchemy import Connection
 from dbtasks import queries
 from dbtasks.claim import ClaimedJob
 from dbtasks.errors import Cancel, Retry
-from dbtasks.schema import CompletionState, JobState
+from dbtasks.schema import JobState
 
 #: First retry delay in seconds; each further attempt doubles it.
 BACKOFF_BASE = 2.0
@@ -88,66 +90,94 @@ def describe(error: BaseException) -> str:
     return "".join(traceback.format_exception(error)).rstrip()
 
 
-def record(conn: Connection, job: ClaimedJob, outcome: Outcome) -> bool:
-    """Record an outcome in the caller's transaction; False if the lease is lost."""
-    if job.is_completion:
-        return _record_completion(conn, job, outcome)
+class Recording:
+    """The outcomes recorded in one transaction.
 
-    fence = {"job_id": job.id, "token": job.token}
-    if outcome.kind == RETRY:
-        values = {**fence, "delay": outcome.delay, "error": outcome.error}
-        return conn.execute(queries.retry_job, values).first() is not None
-    if outcome.kind == HANDED_BACK:
-        return conn.execute(queries.hand_back_job, fence).first() is not None
-
-    values = {**fence, "state": outcome.kind, "error": outcome.error}
-    finished = conn.execute(queries.finish_job, values).first()
-    if finished is None:
-        return False
-    if finished.schedule is not None:
-        continue_series(conn, job.id, finished.schedule)
-    return True
-
-
-def _record_completion(conn: Connection, job: ClaimedJob, outcome: Outcome) -> bool:
-    # Lock the job's row before touching its completions; see queries.lock_job.
-    conn.execute(queries.lock_job, {"job_id": job.id})
-    fence = {"completion_job": job.id, "node_name": job.node, "token": job.token}
-
-    if outcome.kind == RETRY:
-        values = {**fence, "delay": outcome.delay, "error": outcome.error}
-        return conn.execute(queries.retry_completion, values).first() is not None
-    if outcome.kind == HANDED_BACK:
-        return conn.execute(queries.hand_back_completion, fence).first() is not None
-
-    values = {**fence, "state": outcome.kind, "error": outcome.error}
-    if conn.execute(queries.finish_completion, values).first() is None:
-        return False
-    finish_all_job(conn, job.id)
-    return True
-
-
-def finish_all_job(conn: Connection, job_id: int) -> bool:
-    """Finish an `all` job if no node has a run open; continue its series.
-
-    The caller holds the job's row lock (queries.lock_job).
+    A job that ends its periodic series' run adds the next job of the series;
+    those are added last, when the recording closes, in schedule-name order,
+    each after locking its schedule row (queries: locking conventions).
     """
-    finished = conn.execute(queries.finish_all_job, {"job_id": job_id}).first()
-    if finished is None:
-        return False
-    if finished.schedule is not None:
-        continue_series(conn, job_id, finished.schedule)
-    return True
+
+    def __init__(self, conn: Connection):
+        self.conn = conn
+        self._series: dict[str, int] = {}
+
+    def record(self, job: ClaimedJob, outcome: Outcome) -> bool:
+        """Record one outcome; False if the lease is lost (nothing written)."""
+        if job.is_completion:
+            return self._record_completion(job, outcome)
+
+        fence = {"job_id": job.id, "token": job.token}
+        if outcome.kind == RETRY:
+            values = {**fence, "delay": outcome.delay, "error": outcome.error}
+            return self.conn.execute(queries.retry_job, values).first() is not None
+        if outcome.kind == HANDED_BACK:
+            return self.conn.execute(queries.hand_back_job, fence).first() is not None
+
+        values = {**fence, "state": outcome.kind, "error": outcome.error}
+        finished = self.conn.execute(queries.finish_job, values).first()
+        if finished is None:
+            return False
+        self._ended_run(job.id, finished.schedule)
+        return True
+
+    def _record_completion(self, job: ClaimedJob, outcome: Outcome) -> bool:
+        conn = self.conn
+        conn.execute(queries.lock_job, {"job_id": job.id})
+        fence = {"completion_job": job.id, "node_name": job.node, "token": job.token}
+
+        if outcome.kind == RETRY:
+            values = {**fence, "delay": outcome.delay, "error": outcome.error}
+            return conn.execute(queries.retry_completion, values).first() is not None
+        if outcome.kind == HANDED_BACK:
+            return conn.execute(queries.hand_back_completion, fence).first() is not None
+
+        values = {**fence, "state": outcome.kind, "error": outcome.error}
+        if conn.execute(queries.finish_completion, values).first() is None:
+            return False
+        self.finish_all_job(job.id)
+        return True
+
+    def finish_all_job(self, job_id: int) -> bool:
+        """Finish an `all` job if no node has a run open.
+
+        The caller holds the job's row lock (queries.lock_job).
+        """
+        finished = self.conn.execute(queries.finish_all_job, {"job_id": job_id}).first()
+        if finished is None:
+            return False
+        self._ended_run(job_id, finished.schedule)
+        return True
+
+    def _ended_run(self, job_id: int, schedule: str | None) -> None:
+        if schedule is not None:
+            self._series[schedule] = job_id
+
+    def close(self) -> None:
+        """Enqueue the next job of every series whose run ended here."""
+        for schedule in sorted(self._series):
+            continue_series(self.conn, self._series.pop(schedule), schedule)
+
+
+@contextmanager
+def recording(conn: Connection) -> Iterator[Recording]:
+    """Record outcomes in the caller's transaction; continue series at the end."""
+    batch = Recording(conn)
+    yield batch
+    batch.close()
+
+
+def record(conn: Connection, job: ClaimedJob, outcome: Outcome) -> bool:
+    """Record one outcome in the caller's transaction; False if the lease is lost."""
+    with recording(conn) as batch:
+        return batch.record(job, outcome)
 
 
 def continue_series(conn: Connection, job_id: int, schedule: str) -> None:
-    """Enqueue the next job of a periodic series after `job_id` ended."""
-    conn.execute(queries.enqueue_next_in_series(conn.dialect.name), {"job_id": job_id})
+    """Enqueue the next job of a periodic series after `job_id` ended.
+
+    The schedule row is locked first, by the UPDATE, as every transaction
+    that adds a job to a series does.
+    """
     conn.execute(queries.mark_schedule_run, {"schedule_task": schedule})
-
-
-COMPLETION_FINAL = (
-    CompletionState.SUCCEEDED.value,
-    CompletionState.FAILED.value,
-    CompletionState.CANCELLED.value,
-)
+    conn.execute(queries.enqueue_next_in_series(conn.dialect.name), {"job_id": job_id})

@@ -6,8 +6,15 @@ between PostgreSQL and SQLite take the dialect's name.
 
 Locking conventions, which keep concurrent writers from deadlocking:
 
-- A transaction that touches an `all` job's completions locks the job's row
+- Job rows first, in ascending id order when a transaction locks several: a
+  transaction that touches an `all` job's completions locks the job's row
   first (`lock_job`), then the completion rows.
+- Schedule rows after job rows, in ascending name order, each before the job
+  that continues its series is added (outcomes.Recording does both). The
+  transactions that lock a schedule row before touching its jobs (a worker
+  re-timing a series as it starts, a schedule being retired) take those jobs
+  with SKIP LOCKED, so they never wait for one.
+- Completion rows after their job's row.
 - Recording an outcome is fenced: the UPDATE names the lease token the worker
   was given, and its row count says whether the worker still owned the job.
 """
@@ -35,6 +42,7 @@ from sqlalchemy import (
     or_,
     select,
     table,
+    text,
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
@@ -332,39 +340,59 @@ expired_completions: Select[Any] = (
     .limit(bindparam("limit"))
 )
 
-drop_completions_of_dead_nodes: Update = (
-    update(completions)
-    .where(
-        completions.c.state.in_(OPEN_COMPLETIONS),
-        completions.c.node.not_in(
-            select(nodes.c.name).where(_node_alive(bindparam("node_timeout")))
-        ),
+def _dead_or_stopped(completion: Any) -> Any:
+    return completion.c.node.not_in(
+        select(nodes.c.name).where(_node_alive(bindparam("node_timeout")))
     )
-    .values(
-        state=CompletionState.DROPPED.value,
-        finished_at=utcnow(),
-        lease_token=None,
-        lease_expires_at=None,
-        last_error="node dropped: it stopped or its heartbeat expired",
-    )
-    .returning(completions.c.job_id, completions.c.node)
-)
-"""A dead or stopped node no longer holds `all` jobs open."""
 
-drop_completions_of_node: Update = (
-    update(completions)
-    .where(
-        completions.c.state.in_(OPEN_COMPLETIONS),
-        completions.c.node == bindparam("node_name"),
+
+def _of_this_node(completion: Any) -> Any:
+    return completion.c.node == bindparam("node_name")
+
+
+def _open_completions_of(which: Any) -> Select[Any]:
+    """Lock, in id order, the jobs that have open completions of these nodes."""
+    completion = completions.alias("open_completion")
+    owners = select(completion.c.job_id).where(
+        completion.c.state.in_(OPEN_COMPLETIONS), which(completion)
     )
-    .values(
-        state=CompletionState.DROPPED.value,
-        finished_at=utcnow(),
-        lease_token=None,
-        lease_expires_at=None,
-        last_error="node dropped: it stopped before running the job",
+    return (
+        select(jobs.c.id)
+        .where(jobs.c.id.in_(owners))
+        .order_by(jobs.c.id)
+        .with_for_update()
     )
-    .returning(completions.c.job_id, completions.c.node)
+
+
+def _drop_completions(which: Any, reason: str) -> Update:
+    return (
+        update(completions)
+        .where(
+            completions.c.job_id.in_(bindparam("job_ids", expanding=True)),
+            completions.c.state.in_(OPEN_COMPLETIONS),
+            which(completions),
+        )
+        .values(
+            state=CompletionState.DROPPED.value,
+            finished_at=utcnow(),
+            lease_token=None,
+            lease_expires_at=None,
+            last_error=reason,
+        )
+        .returning(completions.c.job_id, completions.c.node)
+    )
+
+
+lock_jobs_of_dead_nodes = _open_completions_of(_dead_or_stopped)
+drop_completions_of_dead_nodes = _drop_completions(
+    _dead_or_stopped, "node dropped: it stopped or its heartbeat expired"
+)
+"""A dead or stopped node no longer holds `all` jobs open. The jobs' rows are
+locked first (lock_jobs_of_dead_nodes), as the locking conventions say."""
+
+lock_jobs_of_node = _open_completions_of(_of_this_node)
+drop_completions_of_node = _drop_completions(
+    _of_this_node, "node dropped: it stopped before running the job"
 )
 
 
@@ -522,6 +550,16 @@ for a worker that died between its last completion and the job's finish)."""
 
 # --- periodic series ----------------------------------------------------------
 
+#: The predicate of uq_dbtasks_jobs_series, for ON CONFLICT to name the index.
+#: Literal SQL on purpose: with bound values, PostgreSQL can match the index
+#: only while it plans with the values known; once psycopg prepares the
+#: statement and the server switches to a generic plan (from about the tenth
+#: execution on a connection) the INSERT fails with "no unique or exclusion
+#: constraint matching the ON CONFLICT specification".
+_SERIES_INDEX_WHERE = text(
+    "state IN (" + ", ".join(f"'{state}'" for state in OPEN_STATES) + ")"
+)
+
 
 @functools.cache
 def enqueue_next_in_series(dialect: str) -> Insert:
@@ -551,7 +589,7 @@ def enqueue_next_in_series(dialect: str) -> Insert:
         .from_select([*columns, "run_at", "created_at"], source)
         .on_conflict_do_nothing(
             index_elements=[jobs.c.schedule],
-            index_where=jobs.c.state.in_(OPEN_STATES),
+            index_where=_SERIES_INDEX_WHERE,
         )
         .returning(jobs.c.id)
     )
@@ -600,13 +638,30 @@ change_frequency: Update = (
     )
 )
 
+def _queued_in_series(*conditions: Any) -> Any:
+    """Ids of the series' queued jobs that no one has locked.
+
+    For the two statements that change a series' jobs while holding its
+    schedule row: they must never wait for a job row, since a finishing
+    worker holds its job row while it waits for the schedule row. A locked
+    queued job is being claimed, so it is no longer theirs to change.
+    """
+    queued = jobs.alias("queued")
+    return (
+        select(queued.c.id)
+        .where(
+            queued.c.schedule == bindparam("schedule_task"),
+            queued.c.state == QUEUED,
+            *(condition(queued) for condition in conditions),
+        )
+        .with_for_update(skip_locked=True)
+        .scalar_subquery()
+    )
+
+
 retime_series_job: Update = (
     update(jobs)
-    .where(
-        jobs.c.schedule == bindparam("schedule_task"),
-        jobs.c.state == QUEUED,
-        jobs.c.attempt == 0,
-    )
+    .where(jobs.c.id.in_(_queued_in_series(lambda queued: queued.c.attempt == 0)))
     .values(run_at=add_seconds(jobs.c.run_at, bindparam("shift")))
 )
 """Move a queued series job by the change in frequency (its first attempt only;
@@ -615,7 +670,19 @@ a retry keeps its backoff)."""
 
 @functools.cache
 def ensure_series_job(dialect: str) -> Insert:
-    """Enqueue a series job at its schedule's due time if none is open."""
+    """Enqueue a series job at its schedule's due time if none is open.
+
+    The NOT EXISTS reads the snapshot and waits for no one. Without it, the
+    unique index would check the open job a finishing worker is updating
+    and wait for that worker, which may itself be waiting for the schedule
+    row this transaction holds: a deadlock. ON CONFLICT still decides when
+    two of these race for a series that has no open job.
+    """
+    series = jobs.alias("series")
+    open_job = select(literal(1)).where(
+        series.c.schedule == schedules.c.task,
+        or_(*(series.c.state == state for state in OPEN_STATES)),
+    )
     source = select(
         schedules.c.task,
         bindparam("series_queue"),
@@ -625,14 +692,14 @@ def ensure_series_job(dialect: str) -> Insert:
         schedules.c.task,
         schedules.c.next_run_at,
         utcnow(),
-    ).where(schedules.c.task == bindparam("schedule_task"))
+    ).where(schedules.c.task == bindparam("schedule_task"), ~exists(open_job))
     columns = ["task", "queue", "params", "priority", "max_attempts", "schedule"]
     return (
         _insert(dialect)(jobs)
         .from_select([*columns, "run_at", "created_at"], source)
         .on_conflict_do_nothing(
             index_elements=[jobs.c.schedule],
-            index_where=jobs.c.state.in_(OPEN_STATES),
+            index_where=_SERIES_INDEX_WHERE,
         )
         .returning(jobs.c.id)
     )
@@ -646,7 +713,7 @@ retire_schedule: Delete = delete(schedules).where(
 
 cancel_retired_series: Update = (
     update(jobs)
-    .where(jobs.c.schedule == bindparam("schedule_task"), jobs.c.state == QUEUED)
+    .where(jobs.c.id.in_(_queued_in_series()))
     .values(
         state=JobState.CANCELLED.value,
         finished_at=utcnow(),

@@ -250,7 +250,8 @@ class Registry:
         return sorted(t.name for t in self if scope is None or t.scope == scope)
 
     def periodic(self) -> list[Task]:
-        return [t for t in self if t.is_periodic]
+        """The periodic tasks in name order, the order series are locked in."""
+        return sorted((t for t in self if t.is_periodic), key=lambda t: t.name)
 
 
 def load_tasks(path: str | Path) -> Registry:

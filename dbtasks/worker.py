@@ -35,7 +35,9 @@ from sqlalchemy import Connection, Engine, select
 from sqlalchemy.exc import DBAPIError
 from tenacity import (
     Retrying,
+    retry_if_exception,
     retry_if_exception_type,
+    stop_after_attempt,
     stop_after_delay,
     wait_random_exponential,
 )
@@ -44,7 +46,7 @@ from dbtasks import claim, lease, queries, scheduler
 from dbtasks.claim import ClaimedJob
 from dbtasks.clock import utcnow
 from dbtasks.config import Config
-from dbtasks.database import create_queue_engine
+from dbtasks.database import create_queue_engine, is_transient
 from dbtasks.errors import ConfigError, LeaseLost
 from dbtasks.migrate import require_current_schema
 from dbtasks.outcomes import HANDED_BACK, SUCCEEDED, Outcome, classify, record
@@ -180,9 +182,18 @@ class Worker:
         if self.config.lifeline and self.engine.dialect.name == "postgresql":
             self._lifeline = lease.Lifeline(self.engine, self.node)
             lifeline_key = self._lifeline.open()
-        with self.engine.begin() as conn:
-            self._register(conn, lifeline_key)
-            scheduler.sync_schedules(conn, self.registry)
+        # Many workers starting at once all touch the schedules; the locking
+        # conventions (queries.py) keep them from deadlocking, and a transient
+        # error anyway runs the transaction again rather than end the worker.
+        for attempt in Retrying(
+            retry=retry_if_exception(is_transient),
+            stop=stop_after_attempt(5),
+            wait=wait_random_exponential(multiplier=0.1, max=2),
+            reraise=True,
+        ):
+            with attempt, self.engine.begin() as conn:
+                self._register(conn, lifeline_key)
+                scheduler.sync_schedules(conn, self.registry)
         self._heartbeat = lease.Heartbeat(
             self.engine,
             self.node,

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import threading
+import time
+import uuid
 from datetime import timedelta
 
 from sqlalchemy import select
+from sqlalchemy.exc import DBAPIError
 
-from dbtasks import scheduler
+from dbtasks import claim, scheduler
+from dbtasks.outcomes import SUCCEEDED, Outcome, record
 from dbtasks.schema import jobs
 from dbtasks.tasks import Registry, Task
 from tests.conftest import sql
@@ -62,3 +67,76 @@ def test_the_same_frequency_leaves_the_queued_job_alone(engine):
         scheduler.sync_schedules(conn, _periodic(10))
 
     assert _series(engine) == before
+
+
+def test_workers_starting_while_a_series_runs_never_deadlock(engine_pg):
+    """Starting workers lock a schedule, then add its job; a finishing run must
+    take the same locks in the same order, or the two deadlock (PostgreSQL
+    aborts one of them, and a worker that was starting exited)."""
+    registries = [_periodic(0.001), _periodic(0.002)]
+    with engine_pg.begin() as conn:
+        scheduler.sync_schedules(conn, registries[0])
+    errors: list[BaseException] = []
+    finished = 0
+    stop = time.monotonic() + 3
+
+    def start_workers() -> None:
+        turn = 0
+        while time.monotonic() < stop and not errors:
+            turn += 1
+            try:
+                with engine_pg.begin() as conn:
+                    scheduler.sync_schedules(conn, registries[turn % 2])
+            except DBAPIError as exc:
+                errors.append(exc)
+
+    def run_series() -> None:
+        nonlocal finished
+        while time.monotonic() < stop and not errors:
+            try:
+                with engine_pg.begin() as conn:
+                    claimed = claim.claim_any_jobs(
+                        conn, node="runner", token=uuid.uuid4().hex,
+                        tasks=["report"], queues=["default"], limit=1, lease=30,
+                    )
+                for job in claimed:
+                    with engine_pg.begin() as conn:
+                        assert record(conn, job, Outcome(SUCCEEDED))
+                    finished += 1
+            except DBAPIError as exc:
+                errors.append(exc)
+
+    threads = [threading.Thread(target=start_workers) for _ in range(2)]
+    threads += [threading.Thread(target=run_series) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert errors == []
+    assert finished > 20  # the series really ran while workers started
+    open_jobs = [state for _, state, _ in _series(engine_pg)
+                 if state in ("queued", "running")]
+    assert len(open_jobs) == 1
+
+
+def test_a_series_continues_run_after_run_on_one_connection(engine_pg):
+    """The statements that add a series' next job stay valid once psycopg has
+    prepared them and PostgreSQL plans them generically (after about ten
+    runs on a connection); a bound value in ON CONFLICT's WHERE broke them."""
+    with engine_pg.begin() as conn:
+        scheduler.sync_schedules(conn, _periodic(0.001))
+
+    with engine_pg.connect() as conn:
+        for _ in range(25):
+            with conn.begin():
+                (job,) = claim.claim_any_jobs(
+                    conn, node="runner", token=uuid.uuid4().hex, tasks=["report"],
+                    queues=["default"], limit=1, lease=30,
+                )
+            with conn.begin():
+                assert record(conn, job, Outcome(SUCCEEDED))
+                scheduler.ensure_series(conn, _periodic(0.001))
+
+    states = [state for _, state, _ in _series(engine_pg)]
+    assert states == ["succeeded"] * 25 + ["queued"]
