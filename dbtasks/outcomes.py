@@ -78,6 +78,17 @@ def classify(job: ClaimedJob, error: BaseException | None) -> Outcome:
     )
 
 
+def unreadable_params(job: ClaimedJob, error: ValueError) -> Outcome:
+    """The job's stored params are not JSON: it fails at once, since no retry
+    of the same row could read them (they were changed outside enqueue)."""
+    message = (
+        f"params of job {job.id} are not valid JSON ({error}); the task did not "
+        "run. Params written by enqueue are always valid: the row was changed "
+        "by hand or by another program. Enqueue the job again with good params."
+    )
+    return Outcome(FAILED, error=message, summary=message)
+
+
 def summarize(error: BaseException) -> str:
     """The error's type and the first line of its message."""
     message = str(error).strip().split("\n", 1)[0]

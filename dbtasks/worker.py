@@ -49,7 +49,14 @@ from dbtasks.config import Config
 from dbtasks.database import create_queue_engine, is_transient
 from dbtasks.errors import ConfigError, LeaseLost
 from dbtasks.migrate import require_current_schema
-from dbtasks.outcomes import HANDED_BACK, SUCCEEDED, Outcome, classify, record
+from dbtasks.outcomes import (
+    HANDED_BACK,
+    SUCCEEDED,
+    Outcome,
+    classify,
+    record,
+    unreadable_params,
+)
 from dbtasks.params import decode_params
 from dbtasks.tasks import JobContext, Registry, Task
 
@@ -417,20 +424,24 @@ class Worker:
         thread.start()
 
     def _run_job(self, running: RunningJob) -> None:
-        error = self._call_task(running)
+        try:
+            params = decode_params(running.job.params)
+        except ValueError as exc:
+            outcome = unreadable_params(running.job, exc)
+        else:
+            outcome = classify(running.job, self._call_task(running, params))
         try:
             if not running.recorded and not running.abandoned:
-                self._record(running, classify(running.job, error))
+                self._record(running, outcome)
         finally:
             with self._lock:
                 self._running.pop(running.key, None)
             self._wake.set()
 
-    def _call_task(self, running: RunningJob) -> BaseException | None:
+    def _call_task(self, running: RunningJob, params: Any) -> BaseException | None:
         """Run the task's function; return what it raised, or None."""
         context = self._context(running)
         try:
-            params = decode_params(running.job.params)
             if running.task.is_async:
                 self._run_coroutine(running, params, context)
             else:
