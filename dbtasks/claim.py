@@ -18,11 +18,28 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ARRAY, Connection, Update, any_, bindparam, select, update
+from sqlalchemy import (
+    ARRAY,
+    CompoundSelect,
+    Connection,
+    Integer,
+    Update,
+    any_,
+    bindparam,
+    false,
+    null,
+    select,
+    true,
+    union_all,
+    update,
+)
 from sqlalchemy import String as SqlString
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.expression import FunctionElement
 
 from dbtasks.clock import seconds_from_now, utcnow
-from dbtasks.queries import QUEUED, RUNNING, _node_alive
+from dbtasks import queries
+from dbtasks.queries import QUEUED, RUNNING, _node_alive, in_state
 from dbtasks.schema import CompletionState, completions, jobs, nodes
 
 
@@ -70,37 +87,79 @@ _claim_values = {
 }
 
 
+class array_of(FunctionElement[Any]):  # noqa: N801 - reads as SQL
+    """PostgreSQL's ARRAY(subquery): the subquery's rows as one array value."""
+
+    inherit_cache = True
+
+
+@compiles(array_of, "postgresql")
+def _array_of_postgresql(element: Any, compiler: Any, **kw: Any) -> str:
+    (subquery,) = element.clauses
+    return f"ARRAY({compiler.process(subquery.element, **kw)})"
+
+
 @functools.cache
 def claim_any_jobs_postgresql() -> Update:
-    """Claim up to `limit` due jobs of the given tasks and queues (PostgreSQL).
+    """Claim up to `limit` due jobs of the given tasks in one queue (PostgreSQL).
 
-    The due rows are picked in a MATERIALIZED CTE with FOR UPDATE SKIP LOCKED:
-    the fence makes the planner run the LIMIT once, so the UPDATE cannot touch
-    more rows than were picked (an IN (subquery) may be re-planned as a join
-    that does), and SKIP LOCKED lets concurrent claimers take disjoint rows
-    instead of queueing on the same ones. Reads ix_dbtasks_jobs_due in order.
+    The due rows are picked, in ix_dbtasks_jobs_due order, by a subquery with
+    FOR UPDATE SKIP LOCKED, so concurrent claimers take disjoint rows instead
+    of queueing on the same ones; the rows a claimer skips do not count
+    against its LIMIT. ARRAY(...) makes the subquery an init plan, run once,
+    and the UPDATE then finds its rows by primary key: a plan that stays
+    right when psycopg prepares the statement and the server plans it
+    generically (a join of the subquery, as an IN or a CTE gives, turned
+    into a hash join over the whole table under a generic plan).
+
+    The LIMIT is written into the statement's text, one prepared statement
+    per batch size, so that the generic plan knows it too. One queue per
+    statement: with `queue = ANY(...)` the planner can no longer read the
+    index in order and sorts every queued job instead.
     """
-    tasks = bindparam("tasks", type_=ARRAY(SqlString))
-    queues = bindparam("queues", type_=ARRAY(SqlString))
+    picked = jobs.alias("picked")
     due = (
-        select(jobs.c.id)
+        select(picked.c.id)
         .where(
-            jobs.c.state == QUEUED,
-            jobs.c.queue == any_(queues),
-            jobs.c.task == any_(tasks),
-            jobs.c.run_at <= utcnow(),
+            in_state(picked.c.state, QUEUED),
+            picked.c.queue == bindparam("claim_queue"),
+            picked.c.task == any_(bindparam("tasks", type_=ARRAY(SqlString))),
+            picked.c.run_at <= utcnow(),
         )
-        .order_by(jobs.c.priority, jobs.c.run_at, jobs.c.id)
-        .limit(bindparam("limit"))
+        .order_by(picked.c.priority, picked.c.run_at, picked.c.id)
+        .limit(bindparam("limit", type_=Integer, literal_execute=True))
         .with_for_update(skip_locked=True)
-        .cte("due")
-        .prefix_with("MATERIALIZED")
+        .scalar_subquery()
     )
     return (
         update(jobs)
-        .where(jobs.c.id == due.c.id)
+        .where(jobs.c.id == any_(array_of(due)))
         .values(_claim_values)
         .returning(*_returned)
+    )
+
+
+@functools.cache
+def finish_and_claim_postgresql() -> CompoundSelect:
+    """Record a batch of successes and claim the next batch, in one statement
+    (PostgreSQL; the busy worker's path).
+
+    Run in autocommit, this is one round trip and one commit per batch of
+    jobs, where a transaction of the same two statements would take four
+    round trips (BEGIN and COMMIT are trips of their own). The two data-
+    modifying CTEs touch different rows (running ones are finished, queued
+    ones claimed) and both run exactly once, whether or not rows come back.
+
+    Returns one row per finished job (`claimed` false: its id; a job whose
+    lease was lost is missing) and one per claimed job (`claimed` true: the
+    columns of a ClaimedJob).
+    """
+    finished = queries.finish_succeeded_jobs_postgresql().cte("finished")
+    claimed = claim_any_jobs_postgresql().cte("claimed")
+    blanks = [null()] * (len(_returned) - 1)
+    return union_all(
+        select(false().label("claimed"), finished.c.id, *blanks),
+        select(true(), *(claimed.c[column.name] for column in _returned)),
     )
 
 
@@ -120,13 +179,13 @@ def claim_any_jobs_sqlite() -> Update:
     due = (
         select(picked.c.id)
         .where(
-            picked.c.state == QUEUED,
-            picked.c.queue.in_(bindparam("queues", expanding=True)),
+            in_state(picked.c.state, QUEUED),
+            picked.c.queue == bindparam("claim_queue"),
             picked.c.task.in_(bindparam("tasks", expanding=True)),
             picked.c.run_at <= utcnow(),
         )
         .order_by(picked.c.priority, picked.c.run_at, picked.c.id)
-        .limit(bindparam("limit"))
+        .limit(bindparam("limit", type_=Integer, literal_execute=True))
         .scalar_subquery()
     )
     return (
@@ -147,27 +206,32 @@ def claim_any_jobs(
     limit: int,
     lease: float,
 ) -> list[ClaimedJob]:
-    """Claim due `any` jobs, best priority and earliest due first."""
-    if not tasks or limit < 1:
+    """Claim up to `limit` due `any` jobs of the given tasks.
+
+    The queues are served in the order given: a queue's due jobs are taken
+    before the next queue's; within a queue, best priority first, then
+    earliest due.
+    """
+    if not tasks:
         return []
     if conn.dialect.name == "postgresql":
         statement = claim_any_jobs_postgresql()
     else:
         statement = claim_any_jobs_sqlite()
-    rows = conn.execute(
-        statement,
-        {
-            "node_name": node,
-            "token": token,
-            "tasks": tasks,
-            "queues": queues,
-            "limit": limit,
-            "lease": lease,
-        },
-    ).all()
-    # RETURNING gives no order; run the most urgent first.
-    rows.sort(key=lambda row: (row.priority, row.id))
-    return [ClaimedJob(*row, token=token) for row in rows]
+    values = {"node_name": node, "token": token, "tasks": tasks, "lease": lease}
+
+    claimed: list[ClaimedJob] = []
+    for queue in queues:
+        wanted = limit - len(claimed)
+        if wanted < 1:
+            break
+        rows = conn.execute(
+            statement, {**values, "claim_queue": queue, "limit": wanted}
+        ).all()
+        # RETURNING gives no order; run the most urgent first.
+        rows.sort(key=lambda row: (row.priority, row.id))
+        claimed += [ClaimedJob(*row, token=token) for row in rows]
+    return claimed
 
 
 # --- all jobs -----------------------------------------------------------------
@@ -175,8 +239,8 @@ def claim_any_jobs(
 _due_all_jobs = (
     select(jobs.c.id, jobs.c.task, jobs.c.queue, jobs.c.run_at)
     .where(
-        jobs.c.state == QUEUED,
-        jobs.c.queue.in_(bindparam("queues", expanding=True)),
+        in_state(jobs.c.state, QUEUED),
+        jobs.c.queue == bindparam("claim_queue"),
         jobs.c.task.in_(bindparam("tasks", expanding=True)),
         jobs.c.run_at <= utcnow(),
     )
@@ -187,7 +251,7 @@ _due_all_jobs = (
 
 _start_all_job = (
     update(jobs)
-    .where(jobs.c.id == bindparam("job_id"), jobs.c.state == QUEUED)
+    .where(jobs.c.id == bindparam("job_id"), in_state(jobs.c.state, QUEUED))
     .values(state=RUNNING, attempt=1, started_at=utcnow())
 )
 
@@ -207,7 +271,11 @@ def expand_all_jobs(
     """
     if not tasks:
         return []
-    due = conn.execute(_due_all_jobs, {"tasks": tasks, "queues": queues}).all()
+    due = [
+        job
+        for queue in queues
+        for job in conn.execute(_due_all_jobs, {"tasks": tasks, "claim_queue": queue})
+    ]
     if not due:
         return []
     alive = conn.execute(_live_nodes, {"node_timeout": node_timeout}).all()

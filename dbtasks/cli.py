@@ -7,9 +7,12 @@ DBTASKS_SCHEMA, `--log-level` from DBTASKS_LOG_LEVEL.
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
+import logging.handlers
 import os
+import queue
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -53,13 +56,45 @@ LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 def main(ctx: click.Context, database_url: str, tasks_path: Path, schema: str | None,
          log_level: str) -> None:
     """dbtasks: a durable job queue in your application's own database."""
-    logging.basicConfig(level=log_level.upper(), format=LOG_FORMAT, stream=sys.stderr)
-    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
+    _configure_logging(log_level.upper())
     ctx.obj = _guard(
         lambda: config_from_env(
             database_url=database_url, tasks_path=tasks_path, schema=schema
         )
     )
+
+
+class _InProcessQueueHandler(logging.handlers.QueueHandler):
+    """Hands records to the writer thread as they are.
+
+    The stock QueueHandler formats each record in the logging thread, to
+    make it safe to pickle; in one process that is not needed, and leaving
+    the formatting and the write to the writer thread lets them overlap the
+    worker's waits on the database. The cost: a record's arguments are
+    rendered when it is written, a moment later.
+    """
+
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        return record
+
+
+def _configure_logging(level: str) -> None:
+    """Log to stderr from a thread of its own (a job's start and end are
+    logged at INFO, so a busy worker writes thousands of lines a second)."""
+    writer = logging.StreamHandler(sys.stderr)
+    writer.setFormatter(logging.Formatter(LOG_FORMAT))
+    records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+    listener = logging.handlers.QueueListener(records, writer)
+    listener.start()
+    atexit.register(listener.stop)
+    logging.basicConfig(level=level, handlers=[_InProcessQueueHandler(records)])
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
+    global _log_writer
+    _log_writer = listener
+
+
+#: The thread that writes log records; stopped (and so flushed) at exit.
+_log_writer: logging.handlers.QueueListener | None = None
 
 
 @main.command()
@@ -115,8 +150,8 @@ def _restart_in_place() -> None:
     logging.getLogger("dbtasks.worker").warning(
         "restarting the worker process", extra={"event": "worker.restarting"}
     )
-    for handler in logging.getLogger().handlers:
-        handler.flush()
+    if _log_writer is not None:
+        _log_writer.stop()  # writes what is queued
     sys.stdout.flush()
     sys.stderr.flush()
     os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])

@@ -107,12 +107,17 @@ def _create_postgresql_engine(url: URL, pool_size: int) -> Engine:
         "keepalives_idle": 20,
         "keepalives_interval": 5,
         "keepalives_count": 3,
+        "options": "-c plan_cache_mode=force_generic_plan",
     }
     return create_engine(
         url,
         pool_size=pool_size,
         max_overflow=pool_size,
-        pool_pre_ping=True,
+        # No pre-ping: it would add a round trip to every transaction of the
+        # worker's loop. A connection the server dropped fails its statement
+        # instead, which invalidates the whole pool, and the worker's loop
+        # runs the step again (worker.Worker._guarded).
+        pool_pre_ping=False,
         pool_recycle=3600,
         connect_args=connect_args,
     )

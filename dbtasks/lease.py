@@ -11,7 +11,9 @@ Rescue is done by every worker, at every maintenance tick:
   spent, or failed if it has no attempts left, so a job that keeps killing
   its worker ends failed rather than looping;
 - a node whose heartbeat expired, or that stopped, is dropped from the set of
-  every `all` job it had not finished, so a dead node never holds one open.
+  every `all` job it had not finished, so a dead node never holds one open;
+- on PostgreSQL, every second, a running job whose node's lifeline session is
+  gone (lifeline.py) is rescued at once, without waiting for its lease.
 
 A rescued job's old worker, if it wakes, can record nothing: its token no
 longer matches (outcomes.record).
@@ -20,9 +22,8 @@ longer matches (outcomes.record).
 from __future__ import annotations
 
 import logging
-import random
-import select
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import Connection, Engine
@@ -41,145 +42,21 @@ _EXPIRED = "lease expired: the worker running this job died, froze or lost the d
 _ORPHANED = "the worker running this job died: its lifeline connection closed"
 
 
-class Lifeline(threading.Thread):
-    """A PostgreSQL session that holds this node's advisory lock while it lives.
+class Heartbeat(threading.Thread):
+    """Renews the node's heartbeat and its jobs' leases until stopped.
 
-    When the worker's process dies, the kernel closes its sockets, the server
-    ends the session and releases the lock at once; other workers see that in
-    pg_locks and rescue the node's jobs without waiting for their leases
-    (queries.orphaned_jobs_postgresql). The lease stays the backstop for what
-    the server learns late: a host that vanished, a network cut (TCP
-    keepalives, set in database.py, bound that to about a minute).
-
-    The thread sleeps on the session's socket and takes the lock again as
-    soon as the session is lost. After a server restart every lifeline is
-    gone at once; rescuers wait `LIFELINE_GRACE` seconds after the server
-    starts, so live workers have time to take theirs again. A session that is
-    terminated on its own (pg_terminate_backend) while its worker lives does
-    get that worker's jobs rescued: they may then run twice, and what the
-    worker records for them is refused by the lease token.
-
-    It needs a server session of its own that stays open. Behind a transaction
-    pooling proxy (PgBouncer in transaction mode) the lock would be taken on a
-    server connection shared with other clients, so turn it off there
-    (`--no-lifeline`) and rely on leases alone.
+    `held` returns the lease tokens of the jobs the worker holds; only those
+    are renewed.
     """
 
-    def __init__(self, engine: Engine, node: str):
-        super().__init__(name="dbtasks-lifeline", daemon=True)
-        self._engine = engine
-        self._node = node
-        self._connection: Any = None
-        self._stopped = threading.Event()
-        self.key: int | None = None
-
-    def open(self) -> int:
-        """Connect and hold a lock key no live node holds; return the key."""
-        self._connect()
-        while not self._try_lock(self.key or _draw_key()):
-            self.key = None  # held by a live node: draw another
-        assert self.key is not None
-        return self.key
-
-    def _connect(self) -> None:
-        # Taken out of the pool: the session must outlive every checkout.
-        connection = self._engine.raw_connection()
-        connection.detach()
-        self._connection = connection
-
-    def _try_lock(self, key: int) -> bool:
-        cursor = self._connection.cursor()
-        try:
-            cursor.execute(
-                "SELECT pg_try_advisory_lock(%s, %s)",
-                (queries.LIFELINE_LOCK_CLASS, key),
-            )
-            (locked,) = cursor.fetchone()
-            self._connection.commit()
-        finally:
-            cursor.close()
-        if locked:
-            self.key = key
-        return bool(locked)
-
-    def run(self) -> None:
-        while not self._stopped.is_set():
-            if self._connection is None or self._session_lost():
-                self._reconnect()
-
-    def _session_lost(self) -> bool:
-        """Wait until the socket has something to say; True if the session ended.
-
-        An idle session's socket turns readable only when the server closes
-        it (or sends a notice, which the probe below reads and discards).
-        """
-        try:
-            socket_number = self._connection.dbapi_connection.fileno()
-            readable, _, _ = select.select([socket_number], [], [], 5.0)
-            if not readable:
-                return False
-            cursor = self._connection.cursor()
-            cursor.execute("SELECT 1")
-            cursor.close()
-            self._connection.commit()
-            return False
-        except Exception:  # noqa: BLE001 - whatever broke, the answer is to reconnect
-            if self._stopped.is_set():
-                return False
-            logger.warning(
-                "lifeline connection lost; other workers may rescue this node's "
-                "jobs; reconnecting",
-                extra={"event": "lease.lifeline_lost", "node": self._node},
-            )
-            return True
-
-    def _reconnect(self) -> None:
-        self._close_connection()
-        old_key = self.key
-        try:
-            self.open()
-            if self.key != old_key:
-                with self._engine.begin() as conn:
-                    conn.execute(
-                        queries.set_lifeline_key,
-                        {"node_name": self._node, "lifeline_key": self.key},
-                    )
-        except Exception as exc:  # noqa: BLE001 - tried again shortly
-            self._close_connection()
-            logger.debug("lifeline could not reconnect yet: %s", exc)
-            self._stopped.wait(0.5)
-            return
-        logger.info(
-            "lifeline connection restored",
-            extra={"event": "lease.lifeline_restored", "node": self._node},
-        )
-
-    def close(self) -> None:
-        self._stopped.set()
-        self._close_connection()
-
-    def _close_connection(self) -> None:
-        if self._connection is not None:
-            try:
-                self._connection.close()
-            except Exception:  # noqa: BLE001, S110 - closing a broken session
-                pass
-            self._connection = None
-
-
-def _draw_key() -> int:
-    return random.randint(1, 2**31 - 1)
-
-
-class Heartbeat(threading.Thread):
-    """Renews the node's heartbeat and its jobs' leases until stopped."""
-
-    def __init__(self, engine: Engine, node: str, lease: float, interval: float):
+    def __init__(self, engine: Engine, node: str, lease: float, interval: float,
+                 held: Callable[[], list[str]]):
         super().__init__(name="dbtasks-heartbeat", daemon=True)
         self._engine = engine
         self._node = node
         self._lease = lease
         self._interval = interval
+        self._held = held
         self._stopped = threading.Event()
         self._failing = False
 
@@ -188,12 +65,13 @@ class Heartbeat(threading.Thread):
             self.beat()
 
     def beat(self) -> None:
-        params = {"node_name": self._node, "lease": self._lease}
+        params = {"node_name": self._node, "lease": self._lease, "tokens": self._held()}
         try:
             with self._engine.begin() as conn:
                 conn.execute(queries.beat_node, params)
-                conn.execute(queries.renew_job_leases, params)
-                conn.execute(queries.renew_completion_leases, params)
+                if params["tokens"]:
+                    conn.execute(queries.renew_job_leases, params)
+                    conn.execute(queries.renew_completion_leases, params)
         except DBAPIError as exc:
             # Logged once per outage; the leases run out if it lasts.
             if not self._failing:
@@ -205,9 +83,14 @@ class Heartbeat(threading.Thread):
             self._failing = True
             return
         if self._failing:
-            logger.info("heartbeat restored", extra={"event": "lease.heartbeat_restored"})
+            logger.info(
+                "heartbeat restored",
+                extra={"event": "lease.heartbeat_restored", "node": self._node},
+            )
         self._failing = False
-        logger.debug("heartbeat", extra={"event": "lease.heartbeat", "node": self._node})
+        logger.debug(
+            "heartbeat", extra={"event": "lease.heartbeat", "node": self._node}
+        )
 
     def stop(self) -> None:
         self._stopped.set()

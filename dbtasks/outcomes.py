@@ -16,6 +16,7 @@ import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import Connection
 
@@ -131,6 +132,26 @@ class Recording:
             return False
         self._ended_run(job.id, finished.schedule)
         return True
+
+    def record_successes(self, jobs: list[ClaimedJob]) -> set[int]:
+        """Record that `any` jobs succeeded, in one statement; return the ids
+        of those whose lease still held (the others record nothing)."""
+        if not jobs:
+            return set()
+        jobs = sorted(jobs, key=lambda job: job.id)  # job rows in id order
+        if self.conn.dialect.name == "postgresql":
+            statement = queries.finish_succeeded_jobs_postgresql()
+            values: dict[str, Any] = {
+                "ids": [job.id for job in jobs],
+                "tokens": [job.token for job in jobs],
+            }
+        else:
+            statement = queries.finish_succeeded_jobs_sqlite()
+            values = {"done": [(job.id, job.token) for job in jobs]}
+        finished = self.conn.execute(statement, values).all()
+        for row in finished:
+            self._ended_run(row.id, row.schedule)
+        return {row.id for row in finished}
 
     def _record_completion(self, job: ClaimedJob, outcome: Outcome) -> bool:
         conn = self.conn

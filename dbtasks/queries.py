@@ -25,12 +25,15 @@ import functools
 from typing import Any
 
 from sqlalchemy import (
+    ARRAY,
     BigInteger,
     Delete,
     Insert,
     Select,
+    String,
     Update,
     and_,
+    any_,
     bindparam,
     case,
     cast,
@@ -39,17 +42,22 @@ from sqlalchemy import (
     exists,
     func,
     literal,
+    literal_column,
     or_,
     select,
     table,
     text,
+    tuple_,
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.sql.elements import ColumnElement, Grouping
 
 from dbtasks.clock import add_seconds, later_of, seconds_from_now, utcnow
 from dbtasks.schema import (
     FINISHED_STATES,
+    KEYED,
+    OPEN_IN_SERIES,
     CompletionState,
     JobState,
     completions,
@@ -63,6 +71,20 @@ RUNNING = JobState.RUNNING.value
 OPEN_STATES = (QUEUED, RUNNING)
 FINISHED = tuple(state.value for state in FINISHED_STATES)
 OPEN_COMPLETIONS = (CompletionState.QUEUED.value, CompletionState.RUNNING.value)
+
+
+def in_state(column: Any, *states: str) -> ColumnElement[bool]:
+    """`column` holds one of `states`, with the states written into the SQL.
+
+    Every partial index on the jobs table is on its state. PostgreSQL uses
+    one only when it can prove the index's WHERE from the query's, which it
+    cannot with a bound value once it plans a prepared statement generically:
+    it would then plan the statement afresh at every run to use the index.
+    """
+    written = [literal_column(f"'{state}'") for state in states]
+    if len(written) == 1:
+        return column == written[0]
+    return column.in_(written)
 
 
 def _insert(dialect: str) -> Any:
@@ -82,7 +104,7 @@ def insert_job(dialect: str, *, with_run_at: bool, idempotent: bool) -> Insert:
     statement = _new_job(dialect, with_run_at)
     if idempotent:
         statement = statement.on_conflict_do_nothing(
-            index_elements=[jobs.c.idempotency_key]
+            index_elements=[jobs.c.idempotency_key], index_where=text(KEYED)
         )
     return statement.returning(jobs.c.id)
 
@@ -201,8 +223,26 @@ set_lifeline_key: Update = (
 """Record the lock key a node took again after its lifeline reconnected."""
 
 stop_node: Update = (
-    update(nodes).where(nodes.c.name == bindparam("node_name")).values(stopped_at=utcnow())
+    update(nodes)
+    .where(nodes.c.name == bindparam("node_name"))
+    .values(stopped_at=utcnow(), idle=False)
 )
+
+set_node_idle: Update = (
+    update(nodes)
+    .where(nodes.c.name == bindparam("node_name"))
+    .values(idle=bindparam("idle"))
+)
+"""Say whether this node waits for work. While any node does, inserting jobs
+sends a NOTIFY (PostgreSQL, the trigger in the migrations); while none does,
+enqueues pay nothing for it. Written only when it changes."""
+
+clear_idle_of_dead_nodes: Update = (
+    update(nodes)
+    .where(nodes.c.idle, ~_node_alive(bindparam("node_timeout")))
+    .values(idle=False)
+)
+"""A node that died while idle would make every enqueue notify for nothing."""
 
 
 def live_nodes(node_timeout_param: str = "node_timeout") -> Select[Any]:
@@ -224,20 +264,23 @@ prune_nodes: Delete = delete(nodes).where(
 
 renew_job_leases: Update = (
     update(jobs)
-    .where(jobs.c.lease_owner == bindparam("node_name"), jobs.c.state == RUNNING)
+    .where(
+        jobs.c.lease_owner == bindparam("node_name"),
+        jobs.c.lease_token.in_(bindparam("tokens", expanding=True)),
+        in_state(jobs.c.state, RUNNING),
+    )
     .values(lease_expires_at=seconds_from_now(bindparam("lease")))
 )
-"""Extend the lease of every job this node runs.
-
-Safe by owner: a job rescued from this node has another owner or none, and a
-node name is only reused once its old holder is dead (take_over_node, which
-rescues that holder's jobs first).
-"""
+"""Extend the lease of every job this node runs, named by the lease tokens
+the worker holds: not by owner alone, since a claim whose commit went
+through while its reply was lost holds jobs the worker never learnt of, and
+those must expire and be rescued rather than be renewed for ever."""
 
 renew_completion_leases: Update = (
     update(completions)
     .where(
         completions.c.node == bindparam("node_name"),
+        completions.c.lease_token.in_(bindparam("tokens", expanding=True)),
         completions.c.state == CompletionState.RUNNING.value,
     )
     .values(lease_expires_at=seconds_from_now(bindparam("lease")))
@@ -257,7 +300,7 @@ _rescued = (
 
 expired_jobs: Select[Any] = (
     select(*_rescued)
-    .where(jobs.c.state == RUNNING, jobs.c.lease_expires_at < utcnow())
+    .where(in_state(jobs.c.state, RUNNING), jobs.c.lease_expires_at < utcnow())
     .limit(bindparam("limit"))
     .with_for_update(skip_locked=True)
 )
@@ -306,7 +349,7 @@ orphaned_jobs_postgresql: Select[Any] = (
     select(*_rescued)
     .join(nodes, nodes.c.name == jobs.c.lease_owner)
     .where(
-        jobs.c.state == RUNNING,
+        in_state(jobs.c.state, RUNNING),
         nodes.c.lifeline_key.is_not(None),
         func.pg_postmaster_start_time() < seconds_from_now(-LIFELINE_GRACE),
         ~exists(_lifeline_held),
@@ -322,7 +365,7 @@ pg_locks is read fresh by every statement; the rows it lists are few."""
 
 jobs_owned_by: Select[Any] = (
     select(*_rescued)
-    .where(jobs.c.state == RUNNING, jobs.c.lease_owner == bindparam("node_name"))
+    .where(in_state(jobs.c.state, RUNNING), jobs.c.lease_owner == bindparam("node_name"))
     .with_for_update()
 )
 
@@ -409,7 +452,7 @@ lock holder committed)."""
 _fence = and_(
     jobs.c.id == bindparam("job_id"),
     jobs.c.lease_token == bindparam("token"),
-    jobs.c.state == RUNNING,
+    in_state(jobs.c.state, RUNNING),
 )
 
 _release_lease = {"lease_owner": None, "lease_token": None, "lease_expires_at": None}
@@ -426,6 +469,55 @@ finish_job: Update = (
     .returning(jobs.c.schedule)
 )
 """Record a final outcome, fenced by the lease token; no row: the lease is lost."""
+
+_succeeded = {
+    "state": JobState.SUCCEEDED.value,
+    "finished_at": utcnow(),
+    "last_error": None,
+    **_release_lease,
+}
+
+
+@functools.cache
+def finish_succeeded_jobs_postgresql() -> Update:
+    """Record a batch of successes in one statement, each fenced by its token.
+
+    The ids and their tokens travel as two arrays of the same order, so the
+    statement's text is the same whatever the batch size and psycopg
+    prepares it once; a job matches only with the token at its own position.
+    Returns the rows it finished: a job missing from them was no longer this
+    worker's.
+    """
+    ids = bindparam("ids", type_=ARRAY(BigInteger))
+    tokens = Grouping(bindparam("tokens", type_=ARRAY(String)))
+    return (
+        update(jobs)
+        .where(
+            jobs.c.id == any_(ids),
+            jobs.c.lease_token == tokens[func.array_position(ids, jobs.c.id)],
+            in_state(jobs.c.state, RUNNING),
+        )
+        .values(_succeeded)
+        .returning(jobs.c.id, jobs.c.schedule)
+    )
+
+
+@functools.cache
+def finish_succeeded_jobs_sqlite() -> Update:
+    """Record a batch of successes in one statement (SQLite: pairs in a VALUES
+    list; the statement holds the write lock, so nothing changes under it)."""
+    return (
+        update(jobs)
+        .where(
+            tuple_(jobs.c.id, jobs.c.lease_token).in_(
+                bindparam("done", expanding=True)
+            ),
+            in_state(jobs.c.state, RUNNING),
+        )
+        .values(_succeeded)
+        .returning(jobs.c.id, jobs.c.schedule)
+    )
+
 
 retry_job: Update = (
     update(jobs)
@@ -517,7 +609,7 @@ finish_all_job: Update = (
     update(jobs)
     .where(
         jobs.c.id == bindparam("job_id"),
-        jobs.c.state == RUNNING,
+        in_state(jobs.c.state, RUNNING),
         jobs.c.lease_expires_at.is_(None),
         ~exists(_open_completions),
     )
@@ -538,7 +630,7 @@ do not count against it)."""
 stranded_all_jobs: Select[Any] = (
     select(jobs.c.id)
     .where(
-        jobs.c.state == RUNNING,
+        in_state(jobs.c.state, RUNNING),
         jobs.c.lease_expires_at.is_(None),
         ~exists(_open_completions),
     )
@@ -556,9 +648,7 @@ for a worker that died between its last completion and the job's finish)."""
 #: statement and the server switches to a generic plan (from about the tenth
 #: execution on a connection) the INSERT fails with "no unique or exclusion
 #: constraint matching the ON CONFLICT specification".
-_SERIES_INDEX_WHERE = text(
-    "state IN (" + ", ".join(f"'{state}'" for state in OPEN_STATES) + ")"
-)
+_SERIES_INDEX_WHERE = text(OPEN_IN_SERIES)
 
 
 @functools.cache
@@ -651,7 +741,7 @@ def _queued_in_series(*conditions: Any) -> Any:
         select(queued.c.id)
         .where(
             queued.c.schedule == bindparam("schedule_task"),
-            queued.c.state == QUEUED,
+            in_state(queued.c.state, QUEUED),
             *(condition(queued) for condition in conditions),
         )
         .with_for_update(skip_locked=True)
@@ -681,7 +771,7 @@ def ensure_series_job(dialect: str) -> Insert:
     series = jobs.alias("series")
     open_job = select(literal(1)).where(
         series.c.schedule == schedules.c.task,
-        or_(*(series.c.state == state for state in OPEN_STATES)),
+        in_state(series.c.state, *OPEN_STATES),
     )
     source = select(
         schedules.c.task,
@@ -725,28 +815,75 @@ cancel_retired_series: Update = (
 # --- idle sleep and retention --------------------------------------------------
 
 
-def next_due(task_param: str = "tasks") -> Select[Any]:
-    """The earliest due time among queued jobs this node could run."""
-    return select(func.min(jobs.c.run_at)).where(
-        jobs.c.state == QUEUED,
-        jobs.c.queue.in_(bindparam("queues", expanding=True)),
-        jobs.c.task.in_(bindparam(task_param, expanding=True)),
+def _next_due_in_queue(number: int) -> Any:
+    """The earliest due time of a queue's jobs of the node's tasks.
+
+    The claim's index is ordered by priority first, so a plain min(run_at)
+    would read every queued job of the queue, and a second index ordered by
+    due time would tempt the planner into sorting the whole queue for each
+    claim (it did, on a table not yet analysed). So the query skips from one
+    priority to the next (each step a min() the index answers at once) and
+    takes the earliest due time within each: a few index probes per
+    distinct priority, however many jobs wait.
+    """
+    queue = bindparam(f"queue_{number}")
+
+    def queued(table: Any) -> tuple[Any, Any]:
+        return in_state(table.c.state, QUEUED), table.c.queue == queue
+
+    # ORDER BY ... LIMIT 1 rather than min(): the planner turns a min() into
+    # that only when its statistics say it pays, and on a table not yet
+    # analysed they do not.
+    lowest, higher, due = jobs.alias("lowest"), jobs.alias("higher"), jobs.alias("due")
+    first = (
+        select(lowest.c.priority)
+        .where(*queued(lowest))
+        .order_by(lowest.c.priority)
+        .limit(1)
     )
+    levels = select(first.scalar_subquery().label("priority")).cte(
+        f"levels_{number}", recursive=True
+    )
+    step = select(
+        select(higher.c.priority)
+        .where(*queued(higher), higher.c.priority > levels.c.priority)
+        .order_by(higher.c.priority)
+        .limit(1)
+        .scalar_subquery()
+    ).where(levels.c.priority.is_not(None))
+    levels = levels.union_all(step)
+    earliest = (
+        select(due.c.run_at)
+        .where(
+            *queued(due),
+            due.c.priority == levels.c.priority,
+            due.c.task.in_(bindparam("tasks", expanding=True)),
+        )
+        .order_by(due.c.run_at)
+        .limit(1)
+        .scalar_subquery()
+    )
+    return select(func.min(earliest)).select_from(levels).scalar_subquery()
 
 
-next_due_job = next_due()
+@functools.cache
+def next_due(queue_count: int) -> Select[Any]:
+    """The database's time, then the earliest due time of this node's
+    completions, then of each of its queues (bound as queue_0, queue_1 ...)."""
+    completion = select(func.min(completions.c.run_at)).where(
+        completions.c.node == bindparam("node_name"),
+        completions.c.state == CompletionState.QUEUED.value,
+    )
+    per_queue = [_next_due_in_queue(number) for number in range(queue_count)]
+    return select(utcnow(), completion.scalar_subquery(), *per_queue)
 
-next_due_completion: Select[Any] = select(func.min(completions.c.run_at)).where(
-    completions.c.node == bindparam("node_name"),
-    completions.c.state == CompletionState.QUEUED.value,
-)
 
 _old = jobs.alias("old")
 prune_jobs: Delete = delete(jobs).where(
     jobs.c.id.in_(
         select(_old.c.id)
         .where(
-            _old.c.state.in_(FINISHED),
+            in_state(_old.c.state, *FINISHED),
             _old.c.finished_at < seconds_from_now(-bindparam("retention")),
         )
         .limit(bindparam("limit"))

@@ -14,6 +14,7 @@ import enum
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     CheckConstraint,
     Column,
     Float,
@@ -25,6 +26,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    false,
     text,
 )
 
@@ -85,6 +87,13 @@ def _in_list(column: str, states: tuple[enum.Enum, ...]) -> str:
     return f"{column} IN ({values})"
 
 
+#: The predicates of the two unique partial indexes, which an INSERT's ON
+#: CONFLICT must name word for word (as literal SQL: see queries.in_state).
+KEYED = "idempotency_key IS NOT NULL"
+OPEN_IN_SERIES = "schedule IS NOT NULL AND " + _in_list(
+    "state", (JobState.QUEUED, JobState.RUNNING)
+)
+
 # The id is a rowid alias on SQLite (Integer primary key) and a bigint identity
 # on PostgreSQL.
 _id_type = BigInteger().with_variant(Integer(), "sqlite")
@@ -114,10 +123,14 @@ jobs = Table(
     CheckConstraint(_in_list("state", tuple(JobState)), name="state"),
     CheckConstraint("attempt >= 0", name="attempt"),
     CheckConstraint("max_attempts >= 1", name="max_attempts"),
+    # Partial indexes leave out the rows they have no use for: each index a
+    # row is in costs every claim and finish of it an entry more.
     Index(
         "uq_dbtasks_jobs_idempotency_key",
         "idempotency_key",
         unique=True,
+        postgresql_where=text(KEYED),
+        sqlite_where=text(KEYED),
     ),
     # The claim reads this index in order: queued jobs by queue, then priority,
     # then due time. Finished jobs stay out of it, so history does not slow it.
@@ -141,8 +154,8 @@ jobs = Table(
         "uq_dbtasks_jobs_series",
         "schedule",
         unique=True,
-        postgresql_where=text("state IN ('queued', 'running')"),
-        sqlite_where=text("state IN ('queued', 'running')"),
+        postgresql_where=text(OPEN_IN_SERIES),
+        sqlite_where=text(OPEN_IN_SERIES),
     ),
     Index(
         "ix_dbtasks_jobs_finished",
@@ -202,6 +215,9 @@ nodes = Table(
     # PostgreSQL: the advisory lock this node holds on its lifeline connection
     # while it lives (see lease.Lifeline); NULL on SQLite or without one.
     Column("lifeline_key", BigInteger),
+    # True while the node waits for work: on PostgreSQL an insert into the
+    # jobs table sends a NOTIFY only if some node is idle (see migrations).
+    Column("idle", Boolean, nullable=False, server_default=false()),
 )
 
 schema_info = Table(
@@ -217,3 +233,6 @@ schema. A migration that older code survives (a new index, a new nullable
 column) leaves it; one that breaks older code moves it to itself. Code that
 finds the schema at a revision it does not know runs if it knows this one
 (migrate.check_revision)."""
+
+#: The notification sent on PostgreSQL when jobs are inserted and a node is idle.
+NOTIFY_CHANNEL = "dbtasks_jobs"

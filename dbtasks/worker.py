@@ -1,23 +1,27 @@
 """The worker: claim due jobs, run them, record their outcomes, until stopped.
 
 Execution is at least once. A job runs again when its worker dies or freezes
-(its lease expires and another worker rescues it), or when the worker loses
-the database for longer than a lease before it can record the outcome. A
-task whose effects live in the same database can make them exactly once with
-`context.transaction()` (see tasks.JobContext).
+(its lease expires, or on PostgreSQL its lifeline closes, and another worker
+rescues it), or when the worker loses the database for longer than a lease
+before it can record the outcome. A task whose effects live in the same
+database can make them exactly once with `context.transaction()` (see
+tasks.JobContext).
+
+One loop thread does all of the worker's database work but the heartbeat:
+in one transaction per turn it records the outcomes of the runs that ended
+(successes in one statement) and claims as many due jobs as it has free
+slots, so a busy worker commits once per batch, not twice per job. Tasks
+run on the executor (executor.py) and never touch the queue's tables,
+except a task's own `context.transaction()`, which records its job itself.
 
 SIGTERM or SIGINT stops claiming and lets running jobs finish for up to
 `shutdown_grace` seconds; what is still running then is handed back to the
 queue with its attempt returned. A second signal hands them back at once.
-SIGKILL loses nothing either: the jobs' leases expire and they are rescued.
-
-Plain functions run on a thread of their own; `async def` tasks run on one
-event loop thread shared by all of them.
+SIGKILL loses nothing either: the jobs are rescued.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import os
@@ -26,35 +30,37 @@ import socket
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Connection, Engine, select
+from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 from tenacity import (
     Retrying,
     retry_if_exception,
     retry_if_exception_type,
     stop_after_attempt,
-    stop_after_delay,
     wait_random_exponential,
 )
 
 from dbtasks import claim, lease, queries, scheduler
 from dbtasks.claim import ClaimedJob
-from dbtasks.clock import utcnow
 from dbtasks.config import Config
 from dbtasks.database import create_queue_engine, is_transient
 from dbtasks.errors import ConfigError, LeaseLost
+from dbtasks.executor import Executor, Run
+from dbtasks.lifeline import Lifeline
 from dbtasks.migrate import require_current_schema
 from dbtasks.outcomes import (
     HANDED_BACK,
+    RETRY,
     SUCCEEDED,
     Outcome,
     classify,
-    record,
+    recording,
     unreadable_params,
 )
 from dbtasks.params import decode_params
@@ -81,23 +87,18 @@ def default_node_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
 
 
-@dataclass
+@dataclass(eq=False)
 class RunningJob:
-    """A claimed job and its run, owned by the worker until recorded."""
+    """A claimed job and its run, owned by the worker until its outcome is
+    recorded."""
 
     job: ClaimedJob
     task: Task
     started: float = field(default_factory=time.monotonic)
     deadline: float | None = None
+    run: Run | None = None
+    #: Set when the task's own context.transaction() recorded the success.
     recorded: bool = False
-    abandoned: bool = False
-    thread: threading.Thread | None = None
-
-    @property
-    def key(self) -> tuple[int, str | None, str]:
-        """This run's key: a job's id alone is not enough, since a timed-out
-        run's abandoned thread may still end while the job runs again."""
-        return (self.job.id, self.job.node, self.job.token)
 
     def fields(self, node: str) -> dict[str, Any]:
         return {
@@ -112,8 +113,9 @@ class RunningJob:
 class Worker:
     """One node: its name, its tasks, its engine, and the jobs it is running.
 
-    `run()` registers the node, then repeats maintain, claim, start, wait until
-    a signal or `stop()`, then hands back what it could not finish.
+    `run()` registers the node, then repeats maintain, record and claim,
+    start, wait, until a signal or `stop()`; then it hands back what it could
+    not finish and deregisters.
     """
 
     def __init__(self, config: Config, registry: Registry):
@@ -131,14 +133,27 @@ class Worker:
         self._any_tasks = registry.names("any")
         self._all_tasks = registry.names("all")
         self._queues = list(config.queues)
-        self._running: dict[tuple[int, str | None, str], RunningJob] = {}
+        self._executor: Executor | None = None
+        self._running: dict[int, RunningJob] = {}  # by id(RunningJob)
+        self._ended: deque[tuple[RunningJob, Outcome | None]] = deque()
+        self._unrecorded: list[tuple[RunningJob, Outcome | None]] = []
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._force = threading.Event()
         self._heartbeat: lease.Heartbeat | None = None
-        self._lifeline: lease.Lifeline | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._lifeline: Lifeline | None = None
+        # PostgreSQL: the same pool, in autocommit, for one-statement commits.
+        self._autocommit: Engine | None = None
+        if self.engine.dialect.name == "postgresql":
+            self._autocommit = self.engine.execution_options(
+                isolation_level="AUTOCOMMIT"
+            )
+        self._hot: Connection | None = None
+        self._idle = False  # as last written to the node's row
+        self._busy = False  # the last claim filled every free slot
+        self._next_full_claim = 0.0
+        self._next_due: float | None = None
         self._next_maintenance = 0.0
         self._next_rescue = 0.0
         self._next_housekeeping = 0.0
@@ -187,7 +202,7 @@ class Worker:
         require_current_schema(self.engine, self.config.schema)
         lifeline_key = None
         if self.config.lifeline and self.engine.dialect.name == "postgresql":
-            self._lifeline = lease.Lifeline(self.engine, self.node)
+            self._lifeline = Lifeline(self.engine, self.node, self._wake.set)
             lifeline_key = self._lifeline.open()
         # Many workers starting at once all touch the schedules; the locking
         # conventions (queries.py) keep them from deadlocking, and a transient
@@ -201,11 +216,13 @@ class Worker:
             with attempt, self.engine.begin() as conn:
                 self._register(conn, lifeline_key)
                 scheduler.sync_schedules(conn, self.registry)
+        self._executor = Executor(threads=self.config.concurrency)
         self._heartbeat = lease.Heartbeat(
             self.engine,
             self.node,
             self.config.lease_seconds,
             self.config.heartbeat_interval,
+            held=self._held_tokens,
         )
         self._heartbeat.start()
         if self._lifeline is not None:
@@ -295,25 +312,171 @@ class Worker:
         self._maintain_if_due()
         self._enforce_timeouts()
         self._retire_if_stuck()
-        if self._stopping.is_set():
+
+        self._wake.clear()
+        self._collect_ended()
+        free = 0 if self._stopping.is_set() else self._free_slots()
+        if not self._unrecorded and not free:
+            self._wait(self.config.poll_interval)  # every slot busy
             return
-        free = self.config.concurrency - len(self._running)
-        claimed = self._claim(free) if free > 0 else []
+
+        claimed = self._record_and_claim(free)
         for job in claimed:
             self._start_job(job)
-        if len(claimed) < free or free <= 0:
-            self._wait()
+        if len(claimed) < free:
+            self._wait(self._seconds_to_next_due())
 
-    def _claim(self, free: int) -> list[ClaimedJob]:
+    def _held_tokens(self) -> list[str]:
+        """The lease tokens of every job this worker holds (for the heartbeat)."""
+        with self._lock:
+            tokens = {running.job.token for running in self._running.values()}
+        tokens.update(running.job.token for running, _ in list(self._ended))
+        tokens.update(running.job.token for running, _ in self._unrecorded)
+        return sorted(tokens)
+
+    def _free_slots(self) -> int:
+        with self._lock:
+            return self.config.concurrency - len(self._running)
+
+    def _collect_ended(self) -> None:
+        while self._ended:
+            self._unrecorded.append(self._ended.popleft())
+
+    def _record_and_claim(self, free: int) -> list[ClaimedJob]:
+        """Record what ended and claim up to `free` due jobs, in one commit.
+
+        A busy worker on PostgreSQL does both in one statement
+        (claim.finish_and_claim_postgresql). Otherwise, and at least once per
+        poll interval, one transaction records every kind of outcome, claims
+        `all` jobs and from every queue, and notes whether the node is idle.
+        """
+        claimed: list[ClaimedJob] = []
+        if self._fast_path_fits():
+            claimed = self._finish_and_claim(free)
+            if len(claimed) == free:
+                return claimed
+        return claimed + self._record_and_claim_in_transaction(free - len(claimed))
+
+    def _fast_path_fits(self) -> bool:
+        if not self._busy or self._autocommit is None or not self._any_tasks:
+            return False
+        if self._all_tasks and time.monotonic() >= self._next_full_claim:
+            return False
+        return all(
+            outcome is None
+            or (
+                outcome.kind == SUCCEEDED
+                and not running.job.is_completion
+                and running.job.schedule is None
+            )
+            for running, outcome in self._unrecorded
+        )
+
+    def _finish_and_claim(self, free: int) -> list[ClaimedJob]:
+        ended = self._unrecorded
+        successes = [running.job for running, outcome in ended if outcome is not None]
+        successes.sort(key=lambda job: job.id)  # job rows in id order
         token = uuid.uuid4().hex
+        values = {
+            "ids": [job.id for job in successes],
+            "tokens": [job.token for job in successes],
+            "node_name": self.node,
+            "token": token,
+            "lease": self.config.lease_seconds,
+            "claim_queue": self._queues[0],
+            "tasks": self._any_tasks,
+            "limit": free,
+        }
+        rows = self._execute_hot(claim.finish_and_claim_postgresql(), values)
+        self._unrecorded = []
+
+        owned = {(row.id, None) for row in rows if not row.claimed}
+        self._log_outcomes(ended, owned)
+        claimed = [ClaimedJob(*row[1:], token=token) for row in rows if row.claimed]
+        claimed.sort(key=lambda job: (job.priority, job.id))
+        return claimed
+
+    def _execute_hot(self, statement: Any, values: dict[str, Any]) -> list[Any]:
+        """Run one statement on the loop's own autocommit connection.
+
+        Held for the worker's life, not checked out of the pool per batch;
+        opened again after the database failed it.
+        """
+        if self._hot is None or self._hot.invalidated or self._hot.closed:
+            assert self._autocommit is not None
+            self._hot = self._autocommit.connect()
+        try:
+            return self._hot.execute(statement, values).all()
+        except DBAPIError:
+            self._hot.close()
+            self._hot = None
+            raise
+
+    def _record_and_claim_in_transaction(self, free: int) -> list[ClaimedJob]:
+        ended = self._unrecorded
         with self.engine.begin() as conn:
-            if self._all_tasks:
-                claim.expand_all_jobs(
-                    conn,
-                    tasks=self._all_tasks,
-                    queues=self._queues,
-                    node_timeout=self.config.node_timeout,
+            owned = self._record(conn, ended)
+            claimed = self._claim(conn, free) if free else []
+            idle = len(claimed) < free
+            if idle:
+                self._next_due = self._next_due_in(conn)
+            if self._lifeline is not None and idle != self._idle:
+                conn.execute(
+                    queries.set_node_idle, {"node_name": self.node, "idle": idle}
                 )
+        self._unrecorded = []
+        self._idle = idle
+        self._busy = free > 0 and not idle
+        self._next_full_claim = time.monotonic() + self.config.poll_interval
+        self._log_outcomes(ended, owned)
+        return claimed
+
+    def _log_outcomes(
+        self,
+        ended: list[tuple[RunningJob, Outcome | None]],
+        owned: set[tuple[int, str | None]],
+    ) -> None:
+        for running, outcome in ended:
+            if outcome is not None:
+                key = (running.job.id, running.job.node)
+                self._log_outcome(running, outcome, owned=key in owned)
+
+    def _record(
+        self, conn: Connection, ended: list[tuple[RunningJob, Outcome | None]]
+    ) -> set[tuple[int, str | None]]:
+        """Record outcomes; return the (job id, node) of those still owned.
+
+        The successes of `any` jobs, the bulk of a busy worker's outcomes, go
+        in one statement; the rest one by one, in job id order.
+        """
+        successes: list[ClaimedJob] = []
+        others: list[tuple[ClaimedJob, Outcome]] = []
+        for running, outcome in ended:
+            if outcome is None:
+                continue  # recorded by the task's own transaction
+            if outcome.kind == SUCCEEDED and not running.job.is_completion:
+                successes.append(running.job)
+            else:
+                others.append((running.job, outcome))
+        others.sort(key=lambda pair: pair[0].id)
+
+        with recording(conn) as batch:
+            owned = {(job_id, None) for job_id in batch.record_successes(successes)}
+            for job, outcome in others:
+                if batch.record(job, outcome):
+                    owned.add((job.id, job.node))
+        return owned
+
+    def _claim(self, conn: Connection, free: int) -> list[ClaimedJob]:
+        token = uuid.uuid4().hex
+        claimed: list[ClaimedJob] = []
+        if self._all_tasks:
+            claim.expand_all_jobs(
+                conn,
+                tasks=self._all_tasks,
+                queues=self._queues,
+                node_timeout=self.config.node_timeout,
+            )
             claimed = claim.claim_completions(
                 conn,
                 node=self.node,
@@ -321,44 +484,33 @@ class Worker:
                 limit=free,
                 lease=self.config.lease_seconds,
             )
-            claimed += claim.claim_any_jobs(
-                conn,
-                node=self.node,
-                token=token,
-                tasks=self._any_tasks,
-                queues=self._queues,
-                limit=free - len(claimed),
-                lease=self.config.lease_seconds,
-            )
+        claimed += claim.claim_any_jobs(
+            conn,
+            node=self.node,
+            token=token,
+            tasks=self._any_tasks,
+            queues=self._queues,
+            limit=free - len(claimed),
+            lease=self.config.lease_seconds,
+        )
         return claimed
 
-    def _wait(self) -> None:
-        """Sleep until the next due job, a finished job, or the poll interval."""
-        timeout = self.config.poll_interval
-        if len(self._running) < self.config.concurrency:
-            timeout = min(timeout, self._seconds_to_next_due())
-        self._wake.wait(max(timeout, 0.005))
-        self._wake.clear()
+    def _next_due_in(self, conn: Connection) -> float | None:
+        """Seconds until the earliest queued job this node could run, if any."""
+        values = {"tasks": self._any_tasks + self._all_tasks, "node_name": self.node}
+        values.update({f"queue_{n}": queue for n, queue in enumerate(self._queues)})
+        now, *due = conn.execute(queries.next_due(len(self._queues)), values).one()
+        due = [when for when in due if when is not None]
+        return (min(due) - now).total_seconds() if due else None
 
     def _seconds_to_next_due(self) -> float:
-        values = {
-            "queues": self._queues,
-            "tasks": self._any_tasks + self._all_tasks,
-            "node_name": self.node,
-        }
-        with self.engine.connect() as conn:
-            now, job_due, completion_due = conn.execute(
-                select(
-                    utcnow(),
-                    queries.next_due_job.scalar_subquery(),
-                    queries.next_due_completion.scalar_subquery(),
-                ),
-                values,
-            ).one()
-        due = [when for when in (job_due, completion_due) if when is not None]
-        if not due:
+        if self._next_due is None:
             return self.config.poll_interval
-        return (min(due) - now).total_seconds()
+        return min(self.config.poll_interval, self._next_due)
+
+    def _wait(self, timeout: float) -> None:
+        """Sleep until a run ends, a job is enqueued (NOTIFY), or `timeout`."""
+        self._wake.wait(max(timeout, 0.005))
 
     # --- maintenance -----------------------------------------------------------
 
@@ -378,6 +530,10 @@ class Worker:
             lease.drop_dead_nodes(conn, self.config.node_timeout)
             lease.rescue_expired_completions(conn)
             lease.finish_stranded_all_jobs(conn)
+            conn.execute(
+                queries.clear_idle_of_dead_nodes,
+                {"node_timeout": self.config.node_timeout},
+            )
         with self.engine.begin() as conn:
             scheduler.ensure_series(conn, self.registry)
 
@@ -405,73 +561,44 @@ class Worker:
 
     def _start_job(self, job: ClaimedJob) -> None:
         running = RunningJob(job=job, task=self.registry.get(job.task))
-        if running.task.timeout is not None:
-            running.deadline = running.started + running.task.timeout
-        with self._lock:
-            self._running[running.key] = running
-        logger.info(
-            "started %s job %s, attempt %d",
-            job.task,
-            job.id,
-            job.attempt,
-            extra={"event": "job.started", **running.fields(self.node)},
-        )
-        thread = threading.Thread(
-            target=self._run_job, args=(running,), name=f"dbtasks-job-{job.id}"
-        )
-        thread.daemon = True
-        running.thread = thread
-        thread.start()
-
-    def _run_job(self, running: RunningJob) -> None:
+        if logger.isEnabledFor(logging.INFO):
+            logger.info(
+                "started %s job %s, attempt %d",
+                job.task,
+                job.id,
+                job.attempt,
+                extra={"event": "job.started", **running.fields(self.node)},
+            )
         try:
-            params = decode_params(running.job.params)
+            params = decode_params(job.params)
         except ValueError as exc:
-            outcome = unreadable_params(running.job, exc)
-        else:
-            outcome = classify(running.job, self._call_task(running, params))
-        try:
-            if not running.recorded and not running.abandoned:
-                self._record(running, outcome)
-        finally:
-            with self._lock:
-                self._running.pop(running.key, None)
+            self._ended.append((running, unreadable_params(job, exc)))
             self._wake.set()
+            return
 
-    def _call_task(self, running: RunningJob, params: Any) -> BaseException | None:
-        """Run the task's function; return what it raised, or None."""
-        context = self._context(running)
-        try:
-            if running.task.is_async:
-                self._run_coroutine(running, params, context)
-            else:
-                running.task.fn(params, context)
-        except BaseException as error:  # noqa: B036 - a task's sys.exit is its failure
-            return error
-        return None
-
-    def _run_coroutine(self, running: RunningJob, params: Any, context: Any) -> None:
-        loop = self._event_loop()
-        coroutine = asyncio.wait_for(
-            _contained(running.task.fn(params, context)), timeout=running.task.timeout
+        task = running.task
+        if task.timeout is not None and not task.is_async:
+            running.deadline = running.started + task.timeout
+        running.run = Run(
+            task.fn,
+            task.is_async,
+            task.timeout,
+            params,
+            self._context(running),
+            lambda error: self._on_run_ended(running, error),
         )
-        try:
-            asyncio.run_coroutine_threadsafe(coroutine, loop).result()
-        except _Escaped as escaped:
-            raise escaped.error from None
-
-    def _event_loop(self) -> asyncio.AbstractEventLoop:
         with self._lock:
-            if self._loop is None or not self._loop.is_running():
-                loop = asyncio.new_event_loop()
-                thread = threading.Thread(
-                    target=loop.run_forever, name="dbtasks-asyncio", daemon=True
-                )
-                thread.start()
-                while not loop.is_running():
-                    time.sleep(0.001)
-                self._loop = loop
-            return self._loop
+            self._running[id(running)] = running
+        assert self._executor is not None
+        self._executor.submit(running.run)
+
+    def _on_run_ended(self, running: RunningJob, error: BaseException | None) -> None:
+        """Called on the run's thread: hand the outcome to the loop."""
+        outcome = None if running.recorded else classify(running.job, error)
+        with self._lock:
+            self._running.pop(id(running), None)
+        self._ended.append((running, outcome))
+        self._wake.set()
 
     def _context(self, running: RunningJob) -> JobContext:
         return JobContext(
@@ -486,56 +613,39 @@ class Worker:
 
     @contextmanager
     def _job_transaction(self, running: RunningJob) -> Iterator[Connection]:
-        """The transaction that records the job's success with the task's writes."""
+        """The transaction that records the job's success with the task's writes.
+
+        Committed apart from the loop's batches, so the task's rows and the
+        job's success commit together or not at all.
+        """
         with self.engine.begin() as conn:
             yield conn
-            if not record(conn, running.job, Outcome(SUCCEEDED)):
+            with recording(conn) as batch:
+                owned = batch.record(running.job, Outcome(SUCCEEDED))
+            if not owned:
                 raise LeaseLost(
                     f"job {running.job.id} is no longer held by node {self.node}: "
                     "its lease expired and it was rescued; nothing was committed"
                 )
         running.recorded = True
-        self._log_outcome(running, Outcome(SUCCEEDED))
+        self._log_outcome(running, Outcome(SUCCEEDED), owned=True)
 
-    def _record(self, running: RunningJob, outcome: Outcome) -> None:
-        """Record an outcome, retrying through a database outage.
-
-        Gives up after a lease's length: by then the job has been rescued, and
-        the fence would refuse the record anyway.
-        """
-        retrying = Retrying(
-            retry=retry_if_exception_type(DBAPIError),
-            wait=wait_random_exponential(multiplier=0.2, max=5),
-            stop=stop_after_delay(self.config.lease_seconds),
-            reraise=True,
-        )
-        try:
-            for attempt in retrying:
-                with attempt, self.engine.begin() as conn:
-                    owned = record(conn, running.job, outcome)
-        except DBAPIError as exc:
-            logger.error(
-                "could not record job %s for a whole lease; it will be rescued: %s",
-                running.job.id,
-                exc.orig,
-                extra={"event": "job.record_failed", **running.fields(self.node)},
-            )
-            return
-        if owned:
-            self._log_outcome(running, outcome)
-        else:
+    def _log_outcome(self, running: RunningJob, outcome: Outcome, owned: bool) -> None:
+        job = running.job
+        if not owned:
             logger.warning(
                 "lease of job %s lost before its outcome (%s) was recorded; another "
                 "worker has it",
-                running.job.id,
+                job.id,
                 outcome.kind,
                 extra={"event": "lease.lost", **running.fields(self.node)},
             )
+            return
+        if outcome.kind == SUCCEEDED and not logger.isEnabledFor(logging.INFO):
+            return
 
-    def _log_outcome(self, running: RunningJob, outcome: Outcome) -> None:
         duration_ms = round((time.monotonic() - running.started) * 1000, 1)
         extra = {**running.fields(self.node), "duration_ms": duration_ms}
-        job = running.job
         if outcome.kind == SUCCEEDED:
             logger.info(
                 "%s job %s succeeded in %.1f ms",
@@ -544,7 +654,7 @@ class Worker:
                 duration_ms,
                 extra={"event": "job.succeeded", **extra},
             )
-        elif outcome.kind == "retry":
+        elif outcome.kind == RETRY:
             logger.warning(
                 "%s job %s failed on attempt %d of %d; retry in %.1fs: %s",
                 job.task,
@@ -581,33 +691,40 @@ class Worker:
         A thread cannot be stopped from outside, so the function keeps running
         on its abandoned thread; what it then tries to record is refused, and
         if it does not end soon the worker retires (_retire_if_stuck).
-        `async def` tasks are cancelled instead.
+        `async def` tasks are cancelled by the executor instead.
         """
         now = time.monotonic()
         with self._lock:
             late = [
                 running
                 for running in self._running.values()
-                if running.deadline is not None
-                and now > running.deadline
-                and not running.task.is_async
+                if running.deadline is not None and now > running.deadline
             ]
         for running in late:
-            running.abandoned = True
-            if running.thread is not None:
-                self._abandoned.append((running.thread, now))
+            if not self._abandon(running):
+                continue  # it ended just now, on its own
+            thread = running.run.thread if running.run else None
+            if thread is not None:
+                self._abandoned.append((thread, now))
             timeout = TimeoutError(
                 f"task {running.task.name} ran past its timeout of "
                 f"{running.task.timeout:g}s"
             )
-            self._record(running, classify(running.job, timeout))
-            with self._lock:
-                self._running.pop(running.key, None)
+            self._ended.append((running, classify(running.job, timeout)))
             logger.warning(
                 "job %s timed out; its thread cannot be stopped and keeps running",
                 running.job.id,
                 extra={"event": "job.timed_out", **running.fields(self.node)},
             )
+
+    def _abandon(self, running: RunningJob) -> bool:
+        """Take the job's slot back from its run; False if the run ended first."""
+        assert self._executor is not None and running.run is not None
+        if not self._executor.abandon(running.run):
+            return False
+        with self._lock:
+            self._running.pop(id(running), None)
+        return True
 
     def _retire_if_stuck(self) -> None:
         """Retire the worker when a timed-out thread will not end.
@@ -618,6 +735,8 @@ class Worker:
         claiming, gives its other jobs the shutdown grace, hands back the rest
         and, under the CLI, starts again in place (same PID and arguments).
         """
+        if not self._abandoned:
+            return
         now = time.monotonic()
         self._abandoned = [(t, since) for t, since in self._abandoned if t.is_alive()]
         stuck = [since for _, since in self._abandoned
@@ -649,26 +768,36 @@ class Worker:
                 break
             self._wake.wait(min(remaining, 0.5))
             self._wake.clear()
+            self._enforce_timeouts()
+            self._guarded_once(self._record_ended)
 
         self._hand_back_all()
+        self._guarded_once(self._record_ended)
         if self._heartbeat is not None:
             self._heartbeat.stop()
         self._guarded_once(self._deregister)
         if self._lifeline is not None:
             self._lifeline.close()
+        if self._hot is not None:
+            self._hot.close()
+        if self._executor is not None:
+            self._executor.stop()
         self.engine.dispose()
         logger.info(
             "worker %s stopped", self.node, extra={"event": "worker.stopped", "node": self.node}
         )
 
+    def _record_ended(self) -> None:
+        self._collect_ended()
+        if self._unrecorded:
+            self._record_and_claim(free=0)
+
     def _hand_back_all(self) -> None:
         with self._lock:
-            unfinished = [r for r in self._running.values() if not r.recorded]
+            unfinished = list(self._running.values())
         for running in unfinished:
-            running.abandoned = True
-            self._guarded_once(
-                lambda running=running: self._record(running, Outcome(HANDED_BACK))
-            )
+            if self._abandon(running):
+                self._ended.append((running, Outcome(HANDED_BACK)))
 
     def _deregister(self) -> None:
         with self.engine.begin() as conn:
@@ -688,27 +817,5 @@ class Worker:
             )
 
 
-class _Escaped(Exception):
-    """Carries a task's SystemExit or KeyboardInterrupt out of the event loop.
-
-    Raised as is inside a coroutine, those end `run_forever` and with it every
-    async job of the worker; wrapped, they fail only their own job.
-    """
-
-    def __init__(self, error: BaseException):
-        super().__init__(repr(error))
-        self.error = error
-
-
-async def _contained(awaitable: Any) -> Any:
-    try:
-        return await awaitable
-    except (Exception, asyncio.CancelledError):
-        raise
-    except BaseException as error:  # noqa: B036 - SystemExit, KeyboardInterrupt
-        raise _Escaped(error) from error
-
-
 def _last_line(error: str | None) -> str:
     return (error or "").rstrip().rsplit("\n", 1)[-1]
-

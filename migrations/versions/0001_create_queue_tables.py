@@ -8,7 +8,7 @@ Create Date: 2026-12-03
 from __future__ import annotations
 
 import sqlalchemy as sa
-from alembic import op
+from alembic import context, op
 
 revision = "0001"
 down_revision = None
@@ -61,6 +61,7 @@ def upgrade() -> None:
         "dbtasks_jobs",
         ["idempotency_key"],
         unique=True,
+        **_partial("idempotency_key IS NOT NULL"),
     )
     op.create_index(
         "ix_dbtasks_jobs_due",
@@ -79,7 +80,7 @@ def upgrade() -> None:
         "dbtasks_jobs",
         ["schedule"],
         unique=True,
-        **_partial("state IN ('queued', 'running')"),
+        **_partial("schedule IS NOT NULL AND state IN ('queued', 'running')"),
     )
     op.create_index(
         "ix_dbtasks_jobs_finished",
@@ -137,6 +138,7 @@ def upgrade() -> None:
         sa.Column("heartbeat_at", TIMESTAMP, nullable=False),
         sa.Column("stopped_at", TIMESTAMP),
         sa.Column("lifeline_key", sa.BigInteger),
+        sa.Column("idle", sa.Boolean, nullable=False, server_default=sa.false()),
         sa.PrimaryKeyConstraint("name", name="pk_dbtasks_nodes"),
     )
 
@@ -148,8 +150,48 @@ def upgrade() -> None:
     )
     op.bulk_insert(info, [{"key": "compatible_from", "value": revision}])
 
+    if op.get_bind().dialect.name == "postgresql":
+        _postgresql_only()
+
+
+def _postgresql_only() -> None:
+    schema = context.config.attributes.get("schema")
+    prefix = f'"{schema}".' if schema else ""
+    # Finished rows are updated once and deleted by retention: leave room on
+    # each page for those updates, and vacuum the busy table early and often.
+    op.execute(
+        f"ALTER TABLE {prefix}dbtasks_jobs SET (fillfactor = 80, "
+        "autovacuum_vacuum_scale_factor = 0.02, "
+        "autovacuum_analyze_scale_factor = 0.02)"
+    )
+    # Wake idle workers when jobs are inserted: one NOTIFY per statement, and
+    # none while every worker is busy, since NOTIFY takes a lock that every
+    # notifying commit in the cluster waits on.
+    op.execute(
+        f"""
+        CREATE FUNCTION {prefix}dbtasks_notify_jobs() RETURNS trigger
+        LANGUAGE plpgsql AS $$
+        BEGIN
+            IF EXISTS (SELECT 1 FROM {prefix}dbtasks_nodes WHERE idle) THEN
+                PERFORM pg_notify('dbtasks_jobs', '');
+            END IF;
+            RETURN NULL;
+        END
+        $$
+        """
+    )
+    op.execute(
+        f"CREATE TRIGGER dbtasks_notify_jobs AFTER INSERT ON {prefix}dbtasks_jobs "
+        f"FOR EACH STATEMENT EXECUTE FUNCTION {prefix}dbtasks_notify_jobs()"
+    )
+
 
 def downgrade() -> None:
+    if op.get_bind().dialect.name == "postgresql":
+        schema = context.config.attributes.get("schema")
+        prefix = f'"{schema}".' if schema else ""
+        op.execute(f"DROP TRIGGER dbtasks_notify_jobs ON {prefix}dbtasks_jobs")
+        op.execute(f"DROP FUNCTION {prefix}dbtasks_notify_jobs()")
     op.drop_table("dbtasks_schema_info")
     op.drop_table("dbtasks_nodes")
     op.drop_table("dbtasks_schedules")

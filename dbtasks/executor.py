@@ -1,0 +1,209 @@
+"""Running tasks: plain functions on a pool of threads, coroutines on one loop.
+
+The executor runs a job's task and reports how the run ended, through the
+callback it was given; it never touches the database (the worker records
+outcomes, in batches, on its own loop). A run ends once: it finishes, or the
+worker abandons it first (its timeout passed, or the worker is shutting
+down), and only the first of the two counts.
+
+A plain function cannot be stopped from outside its thread. When the worker
+abandons one, the executor starts a thread in its place, so the pool keeps
+its size; the abandoned thread ends when the function returns, and what it
+returns is dropped. `async def` tasks share one event loop thread and are
+cancelled at their timeout.
+
+LIMITATION: a coroutine that blocks (time.sleep, a synchronous driver) stops
+every other coroutine of the worker while it blocks; run blocking code in a
+plain function task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+#: How a run ended: None if the task returned, else what it raised.
+Done = Callable[[BaseException | None], None]
+
+
+class Run:
+    """One run of a task: what to call, and whether it has ended yet."""
+
+    __slots__ = ("fn", "is_async", "timeout", "params", "context", "done",
+                 "thread", "_ended", "_lock")
+
+    def __init__(self, fn: Callable[..., Any], is_async: bool, timeout: float | None,
+                 params: Any, context: Any, done: Done):
+        self.fn = fn
+        self.is_async = is_async
+        self.timeout = timeout
+        self.params = params
+        self.context = context
+        self.done = done
+        self.thread: threading.Thread | None = None
+        self._ended = False
+        self._lock = threading.Lock()
+
+    def begin(self, thread: threading.Thread) -> bool:
+        """Note the thread the run starts on; False if it was abandoned already."""
+        with self._lock:
+            self.thread = thread
+            return not self._ended
+
+    def end(self) -> bool:
+        """Mark the run ended; True for the first caller only."""
+        with self._lock:
+            if self._ended:
+                return False
+            self._ended = True
+            return True
+
+
+class Executor:
+    """Runs plain functions on `threads` threads and coroutines on an event loop."""
+
+    def __init__(self, threads: int):
+        self._queue: queue.SimpleQueue[Run | None] = queue.SimpleQueue()
+        self._threads: set[threading.Thread] = set()
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._serial = 0
+        with self._lock:
+            for _ in range(threads):
+                self._start_thread()
+
+    def submit(self, run: Run) -> None:
+        """Start a run; its `done` is called when it ends, unless abandoned first."""
+        if run.is_async:
+            self._submit_coroutine(run)
+        else:
+            self._queue.put(run)
+
+    def abandon(self, run: Run) -> bool:
+        """End a run now, without waiting for it; False if it had ended already.
+
+        A plain function goes on running on its thread, so a new thread takes
+        that thread's place in the pool.
+        """
+        if not run.end():
+            return False
+        with self._lock:
+            if run.thread is not None and run.thread in self._threads:
+                self._threads.discard(run.thread)
+                self._start_thread()
+        return True
+
+    def stop(self) -> None:
+        """Let the pool's threads end once they are idle; stop the event loop."""
+        with self._lock:
+            for _ in self._threads:
+                self._queue.put(None)
+            self._threads.clear()
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+
+    # --- plain functions ---------------------------------------------------------
+
+    def _start_thread(self) -> None:
+        self._serial += 1
+        thread = threading.Thread(
+            target=self._serve, name=f"dbtasks-job-{self._serial}", daemon=True
+        )
+        self._threads.add(thread)
+        thread.start()
+
+    def _serve(self) -> None:
+        me = threading.current_thread()
+        while True:
+            run = self._queue.get()
+            if run is None:
+                return
+            if not run.begin(me):
+                continue  # abandoned before it started: nothing to run
+            error = _call(run)
+            if not run.end():
+                return  # abandoned: another thread has taken this one's place
+            run.done(error)
+
+    # --- coroutines ----------------------------------------------------------------
+
+    def _submit_coroutine(self, run: Run) -> None:
+        coroutine = asyncio.wait_for(
+            _contained(run.fn(run.params, run.context)), timeout=run.timeout
+        )
+        future = asyncio.run_coroutine_threadsafe(coroutine, self._event_loop())
+        future.add_done_callback(lambda future: _settle(run, future))
+
+    def _event_loop(self) -> asyncio.AbstractEventLoop:
+        with self._lock:
+            if self._loop is None or not self._loop.is_running():
+                loop = asyncio.new_event_loop()
+                thread = threading.Thread(
+                    target=loop.run_forever, name="dbtasks-asyncio", daemon=True
+                )
+                thread.start()
+                while not loop.is_running():
+                    time.sleep(0.001)
+                self._loop = loop
+            return self._loop
+
+
+def _call(run: Run) -> BaseException | None:
+    """Call a plain function; return what it raised, or None."""
+    try:
+        run.fn(run.params, run.context)
+    except BaseException as error:  # noqa: B036 - a task's sys.exit is its failure
+        return error
+    return None
+
+
+def _settle(run: Run, future: Future[Any]) -> None:
+    if not run.end():
+        return
+    try:
+        future.result()
+    except _Escaped as escaped:
+        run.done(escaped.error)
+    except BaseException as error:  # noqa: B036 - cancelled, timed out or failed
+        if _timed_out(error):
+            error = TimeoutError(f"the run passed its timeout of {run.timeout:g}s")
+        run.done(error)
+    else:
+        run.done(None)
+
+
+def _timed_out(error: BaseException) -> bool:
+    """Whether wait_for cancelled the coroutine at its timeout (and not the
+    task's own code raising TimeoutError)."""
+    return isinstance(error, asyncio.TimeoutError) and isinstance(
+        error.__cause__, asyncio.CancelledError
+    )
+
+
+class _Escaped(Exception):
+    """Carries a task's SystemExit or KeyboardInterrupt out of the event loop.
+
+    Raised as is inside a coroutine, those end `run_forever` and with it every
+    async job of the worker; wrapped, they fail only their own job.
+    """
+
+    def __init__(self, error: BaseException):
+        super().__init__(repr(error))
+        self.error = error
+
+
+async def _contained(awaitable: Any) -> Any:
+    try:
+        return await awaitable
+    except (Exception, asyncio.CancelledError):
+        raise
+    except BaseException as error:  # noqa: B036 - SystemExit, KeyboardInterrupt
+        raise _Escaped(error) from error
