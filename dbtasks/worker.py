@@ -49,7 +49,7 @@ from tenacity import (
 from dbtasks import claim, lease, queries, scheduler
 from dbtasks.claim import ClaimedJob
 from dbtasks.config import Config
-from dbtasks.database import create_queue_engine, is_transient
+from dbtasks.database import RawStatement, create_queue_engine, is_transient
 from dbtasks.errors import ConfigError, LeaseLost
 from dbtasks.executor import Executor, Run
 from dbtasks.lifeline import Lifeline
@@ -149,7 +149,8 @@ class Worker:
             self._autocommit = self.engine.execution_options(
                 isolation_level="AUTOCOMMIT"
             )
-        self._hot: Connection | None = None
+        self._hot: Any = None  # a DBAPI connection of the pool's, detached
+        self._hot_statements: dict[int, RawStatement] = {}
         self._idle = False  # as last written to the node's row
         self._busy = False  # the last claim filled every free slot
         self._next_full_claim = 0.0
@@ -275,12 +276,22 @@ class Worker:
     # --- the loop -------------------------------------------------------------
 
     def _guarded(self, step: Any) -> None:
-        """Run a step; while the database is down, log once and retry with backoff."""
+        """Run a step; while the database is down, log once and retry with backoff.
+
+        The first retry comes at once (a dropped connection is replaced by
+        then), the next ones after growing, jittered waits.
+        """
+        try:
+            step()
+            return
+        except DBAPIError as exc:
+            self._log_outage(exc)
+
         retrying = Retrying(
             retry=retry_if_exception_type(DBAPIError),
             wait=wait_random_exponential(multiplier=0.5, max=MAX_OUTAGE_BACKOFF),
             sleep=self._sleep_unless_stopping,
-            before_sleep=self._log_outage,
+            before_sleep=lambda state: self._log_outage(state.outcome.exception()),
             reraise=True,
         )
         for attempt in retrying:
@@ -298,9 +309,8 @@ class Worker:
     def _sleep_unless_stopping(self, seconds: float) -> None:
         self._stopping.wait(seconds)
 
-    def _log_outage(self, state: Any) -> None:
+    def _log_outage(self, error: BaseException | None) -> None:
         if not self._outage:
-            error = state.outcome.exception()
             logger.warning(
                 "database unavailable, retrying with backoff: %s",
                 getattr(error, "orig", error),
@@ -385,32 +395,46 @@ class Worker:
             "lease": self.config.lease_seconds,
             "claim_queue": self._queues[0],
             "tasks": self._any_tasks,
-            "limit": free,
         }
-        rows = self._execute_hot(claim.finish_and_claim_postgresql(), values)
+        rows = self._execute_hot(free, values)
         self._unrecorded = []
 
-        owned = {(row.id, None) for row in rows if not row.claimed}
+        owned = {(row[1], None) for row in rows if not row[0]}
         self._log_outcomes(ended, owned)
-        claimed = [ClaimedJob(*row[1:], token=token) for row in rows if row.claimed]
+        claimed = [ClaimedJob(*row[1:], token=token) for row in rows if row[0]]
         claimed.sort(key=lambda job: (job.priority, job.id))
         return claimed
 
-    def _execute_hot(self, statement: Any, values: dict[str, Any]) -> list[Any]:
-        """Run one statement on the loop's own autocommit connection.
+    def _execute_hot(self, limit: int, values: dict[str, Any]) -> list[Any]:
+        """Run claim.finish_and_claim_postgresql on the loop's own connection.
 
-        Held for the worker's life, not checked out of the pool per batch;
-        opened again after the database failed it.
+        The connection is held for the worker's life in autocommit, not
+        checked out of the pool per batch, and opened again after a failure.
         """
-        if self._hot is None or self._hot.invalidated or self._hot.closed:
-            assert self._autocommit is not None
-            self._hot = self._autocommit.connect()
+        statement = self._hot_statements.get(limit)
+        if statement is None:
+            statement = RawStatement(
+                claim.finish_and_claim_postgresql(limit), self.engine
+            )
+            self._hot_statements[limit] = statement
+        if self._hot is None:
+            pooled = self.engine.raw_connection()
+            pooled.detach()  # autocommit: it must never go back to the pool
+            pooled.dbapi_connection.autocommit = True
+            self._hot = pooled
         try:
-            return self._hot.execute(statement, values).all()
+            return statement.execute(self._hot.dbapi_connection, values)
         except DBAPIError:
-            self._hot.close()
-            self._hot = None
+            self._close_hot()
             raise
+
+    def _close_hot(self) -> None:
+        if self._hot is not None:
+            try:
+                self._hot.close()
+            except Exception:  # noqa: BLE001, S110 - closing a broken connection
+                pass
+            self._hot = None
 
     def _record_and_claim_in_transaction(self, free: int) -> list[ClaimedJob]:
         ended = self._unrecorded
@@ -778,13 +802,14 @@ class Worker:
         self._guarded_once(self._deregister)
         if self._lifeline is not None:
             self._lifeline.close()
-        if self._hot is not None:
-            self._hot.close()
+        self._close_hot()
         if self._executor is not None:
             self._executor.stop()
         self.engine.dispose()
         logger.info(
-            "worker %s stopped", self.node, extra={"event": "worker.stopped", "node": self.node}
+            "worker %s stopped",
+            self.node,
+            extra={"event": "worker.stopped", "node": self.node},
         )
 
     def _record_ended(self) -> None:
