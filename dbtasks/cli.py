@@ -7,12 +7,9 @@ DBTASKS_SCHEMA, `--log-level` from DBTASKS_LOG_LEVEL.
 
 from __future__ import annotations
 
-import atexit
 import json
 import logging
-import logging.handlers
 import os
-import queue
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -20,11 +17,9 @@ from typing import Any
 
 import click
 
-from dbtasks import commands
+from dbtasks import commands, logs
 from dbtasks.config import DEFAULT_DATABASE_URL, Config, config_from_env
 from dbtasks.errors import DbtasksError
-
-LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -44,7 +39,8 @@ LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
     type=click.Path(path_type=Path),
     help="Folder of task modules.",
 )
-@click.option("--schema", envvar="DBTASKS_SCHEMA", help="PostgreSQL schema for the tables.")
+@click.option("--schema", envvar="DBTASKS_SCHEMA",
+              help="PostgreSQL schema for the tables.")
 @click.option(
     "--log-level",
     envvar="DBTASKS_LOG_LEVEL",
@@ -56,45 +52,12 @@ LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 def main(ctx: click.Context, database_url: str, tasks_path: Path, schema: str | None,
          log_level: str) -> None:
     """dbtasks: a durable job queue in your application's own database."""
-    _configure_logging(log_level.upper())
+    logs.configure(log_level.upper())
     ctx.obj = _guard(
         lambda: config_from_env(
             database_url=database_url, tasks_path=tasks_path, schema=schema
         )
     )
-
-
-class _InProcessQueueHandler(logging.handlers.QueueHandler):
-    """Hands records to the writer thread as they are.
-
-    The stock QueueHandler formats each record in the logging thread, to
-    make it safe to pickle; in one process that is not needed, and leaving
-    the formatting and the write to the writer thread lets them overlap the
-    worker's waits on the database. The cost: a record's arguments are
-    rendered when it is written, a moment later.
-    """
-
-    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
-        return record
-
-
-def _configure_logging(level: str) -> None:
-    """Log to stderr from a thread of its own (a job's start and end are
-    logged at INFO, so a busy worker writes thousands of lines a second)."""
-    writer = logging.StreamHandler(sys.stderr)
-    writer.setFormatter(logging.Formatter(LOG_FORMAT))
-    records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
-    listener = logging.handlers.QueueListener(records, writer)
-    listener.start()
-    atexit.register(listener.stop)
-    logging.basicConfig(level=level, handlers=[_InProcessQueueHandler(records)])
-    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
-    global _log_writer
-    _log_writer = listener
-
-
-#: The thread that writes log records; stopped (and so flushed) at exit.
-_log_writer: logging.handlers.QueueListener | None = None
 
 
 @main.command()
@@ -150,8 +113,7 @@ def _restart_in_place() -> None:
     logging.getLogger("dbtasks.worker").warning(
         "restarting the worker process", extra={"event": "worker.restarting"}
     )
-    if _log_writer is not None:
-        _log_writer.stop()  # writes what is queued
+    logs.flush()
     sys.stdout.flush()
     sys.stderr.flush()
     os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
@@ -202,7 +164,9 @@ def _parse_json(text: str) -> Any:
     try:
         return json.loads(text, parse_constant=_refuse_constant)
     except ValueError as exc:
-        raise click.BadParameter(f"not valid JSON: {exc}", param_hint="--params")
+        raise click.BadParameter(
+            f"not valid JSON: {exc}", param_hint="--params"
+        ) from None
 
 
 def _refuse_constant(name: str) -> Any:

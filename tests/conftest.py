@@ -35,7 +35,9 @@ ROOT = Path(__file__).resolve().parent.parent
 APP_TASKS = ROOT / "tests" / "app_tasks"
 PERIODIC_TASKS = ROOT / "tests" / "periodic_tasks"
 LOCAL_POSTGRES = "postgresql://postgres@127.0.0.1:5432/postgres"
-TABLES = "dbtasks_completions, dbtasks_jobs, dbtasks_schedules, dbtasks_nodes, test_runs"
+TABLES = (
+    "dbtasks_completions, dbtasks_jobs, dbtasks_schedules, dbtasks_nodes, test_runs"
+)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -210,6 +212,12 @@ class WorkerProcess:
                  or self.process.poll() is not None, timeout, message="worker start")
         if self.process.poll() is not None:
             pytest.fail(f"worker exited early:\n{self.output}")
+
+    def wait_for_output(self, text: str, timeout: float = 15.0) -> None:
+        """Wait until the worker has logged `text` (INFO lines are written in
+        bursts, up to dbtasks.logs.WRITE_INTERVAL after they were logged)."""
+        wait_for(lambda: text in self.output, timeout,
+                 message=f"the worker to log {text!r}")
 
     def signal(self, signum: int) -> None:
         if self.process.poll() is None:

@@ -192,7 +192,7 @@ def test_sigterm_past_the_grace_hands_the_job_back_with_its_attempt(
 
     assert worker.wait(30) == 0
     assert job_row(engine, job_id)[:4] == ("queued", 0, None, None)
-    assert "handed back to the queue unfinished" in worker.output
+    worker.wait_for_output("handed back to the queue unfinished")
 
     start_worker(database_url, "--node", "next")
     wait_for_state(engine, job_id, "succeeded")
@@ -219,7 +219,7 @@ def test_a_second_signal_hands_the_job_back_at_once(
     worker.signal(signal.SIGINT)
 
     assert worker.wait(30) == 0
-    assert "received SIGINT: handing back running jobs now" in worker.output
+    worker.wait_for_output("received SIGINT: handing back running jobs now")
     assert job_row(engine, job_id)[:4] == ("queued", 0, None, None)
     assert run_events(engine, job_id) == [("stopping", 1, "start")]
 

@@ -50,7 +50,7 @@ def test_a_killed_workers_job_runs_again_long_before_its_lease_ends(
     ]
     rerun_started = runs[1][3]
     assert (lease_end - rerun_started).total_seconds() > 30
-    assert f"rescued job {job_id} (record) from node first" in second.output
+    second.wait_for_output(f"rescued job {job_id} (record) from node first")
     assert "lifeline connection closed" in second.output
 
 
@@ -68,8 +68,7 @@ def test_a_worker_whose_lifeline_is_terminated_reconnects_and_keeps_working(
         ).fetchall()
     assert terminated == [(True,)]
 
-    wait_for(lambda: "lease.lifeline_lost" in worker.output or "lifeline connection lost"
-             in worker.output, timeout=15, message="the worker to notice")
+    worker.wait_for_output("lifeline connection lost")
     with engine_pg.begin() as conn:
         job_id = enqueue(conn, record)
     wait_for(

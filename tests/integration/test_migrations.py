@@ -257,7 +257,7 @@ def test_a_newer_schema_declared_compatible_is_used_and_left_alone(
              message="the worker to run the job on the newer schema")
     with queue_engine.connect() as conn:
         assert migrate.current_revision(conn, None) == "9999_from_the_future"
-    assert "newer than this code's 0001, and declared compatible" in worker.output
+    worker.wait_for_output("newer than this code's 0001, and declared compatible")
 
 
 def test_migrate_on_a_database_from_a_newer_dbtasks_says_to_upgrade(

@@ -29,7 +29,7 @@ def test_a_thread_stuck_past_its_timeout_restarts_the_worker_in_place(
 
     wait_for(lambda: worker.output.count("worker stuck started") == 2, timeout=40,
              message="the worker to restart")
-    assert "retiring this worker" in worker.output
+    worker.wait_for_output("retiring this worker")
     assert worker.process.poll() is None  # the same process, started afresh
 
     with engine_pg.begin() as conn:

@@ -29,7 +29,7 @@ def test_a_frozen_workers_job_runs_elsewhere_and_its_effect_commits_once(
         message="the job to succeed on the awake worker",
     )
     # The frozen worker's lifeline stayed open: only the lease could free the job.
-    assert f"rescued job {job_id} (effect) from node frozen" in awake.output
+    awake.wait_for_output(f"rescued job {job_id} (effect) from node frozen")
     assert "lease expired" in awake.output
 
     frozen.signal(signal.SIGCONT)
