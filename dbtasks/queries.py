@@ -322,7 +322,9 @@ _pg_locks = table(
     column("granted"),
     schema="pg_catalog",
 )
-_pg_database = table("pg_database", column("oid"), column("datname"), schema="pg_catalog")
+_pg_database = table(
+    "pg_database", column("oid"), column("datname"), schema="pg_catalog"
+)
 
 _lifeline_held = (
     select(literal(1))
@@ -365,7 +367,10 @@ pg_locks is read fresh by every statement; the rows it lists are few."""
 
 jobs_owned_by: Select[Any] = (
     select(*_rescued)
-    .where(in_state(jobs.c.state, RUNNING), jobs.c.lease_owner == bindparam("node_name"))
+    .where(
+        in_state(jobs.c.state, RUNNING),
+        jobs.c.lease_owner == bindparam("node_name"),
+    )
     .with_for_update()
 )
 
@@ -442,7 +447,9 @@ drop_completions_of_node = _drop_completions(
 # --- recording outcomes -----------------------------------------------------
 
 lock_job: Select[Any] = (
-    select(jobs.c.id, jobs.c.state).where(jobs.c.id == bindparam("job_id")).with_for_update()
+    select(jobs.c.id, jobs.c.state)
+    .where(jobs.c.id == bindparam("job_id"))
+    .with_for_update()
 )
 """Lock a job's row. Taken first by every transaction that changes an `all`
 job's completions, so that the last one to finish sees all the others (a

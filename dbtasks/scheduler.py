@@ -48,7 +48,8 @@ def sync_schedules(conn: Connection, registry: Registry) -> None:
 
 
 def _retime(conn: Connection, task: Task) -> None:
-    old = conn.execute(queries.schedule_frequency, {"schedule_task": task.name}).scalar()
+    values = {"schedule_task": task.name}
+    old = conn.execute(queries.schedule_frequency, values).scalar()
     if old is None or old == task.frequency:
         return
     shift = task.frequency - old

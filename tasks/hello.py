@@ -10,4 +10,6 @@ from dbtasks import JobContext, task
     frequency=1,
 )
 def say_hello(params: dict, context: JobContext) -> None:
-    context.logger.info("----- Hi there! ----- (job %s on %s)", context.job_id, context.node)
+    context.logger.info(
+        "----- Hi there! ----- (job %s on %s)", context.job_id, context.node
+    )

@@ -14,6 +14,9 @@ from dbtasks import JobContext, task
 )
 def report_node(params: dict, context: JobContext) -> dict:
     context.logger.info(
-        "node %s is alive (host %s, pid %d)", context.node, socket.gethostname(), os.getpid()
+        "node %s is alive (host %s, pid %d)",
+        context.node,
+        socket.gethostname(),
+        os.getpid(),
     )
     return {"node": context.node}

