@@ -297,6 +297,8 @@ def expand_all_jobs(
             ],
         )
         expanded.append(job.id)
+    if expanded and conn.dialect.name == "postgresql":
+        conn.execute(queries.notify_idle_nodes)  # the other nodes' runs are due
     return expanded
 
 

@@ -271,12 +271,19 @@ def _insert_many(
         conn = _in_schema(conn, schema)
         if template["_look_up"]:
             template = _with_registered_defaults(conn, template)
+        dialect = conn.dialect.name
         statement = queries.insert_jobs(
-            conn.dialect.name, with_run_at=template["run_at"] is not None
+            dialect, with_run_at=template["run_at"] is not None
         )
-        shared = {k: v for k, v in template.items() if not k.startswith("_")}
-        rows = [{**shared, "params": text} for text in params]
-        return [int(job_id) for (job_id,) in conn.execute(statement, rows)]
+        values = {k: v for k, v in template.items() if not k.startswith("_")}
+        if dialect == "postgresql":
+            values["params"] = params
+        else:
+            values["params_json"] = json.dumps(params)
+        ids = sorted(int(job_id) for (job_id,) in conn.execute(statement, values))
+        if len(ids) != len(params):
+            raise JobError(f"enqueued {len(ids)} jobs of {len(params)}")
+        return ids
 
 
 def _in_schema(conn: Connection, schema: str | None) -> Connection:

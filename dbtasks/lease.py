@@ -103,6 +103,12 @@ def rescue_expired_jobs(conn: Connection) -> int:
     return len(rows)
 
 
+def any_orphaned_jobs(conn: Connection) -> bool:
+    """Whether some running job's node has lost its lifeline (PostgreSQL)."""
+    found = conn.execute(queries.orphaned_jobs_postgresql, {"limit": 1}).first()
+    return found is not None
+
+
 def rescue_orphaned_jobs(conn: Connection) -> int:
     """Rescue running jobs whose node's lifeline is gone (PostgreSQL only)."""
     if conn.dialect.name != "postgresql":

@@ -113,6 +113,7 @@ class Recording:
     def __init__(self, conn: Connection):
         self.conn = conn
         self._series: dict[str, int] = {}
+        self._queued_again = False
 
     def record(self, job: ClaimedJob, outcome: Outcome) -> bool:
         """Record one outcome; False if the lease is lost (nothing written)."""
@@ -122,9 +123,9 @@ class Recording:
         fence = {"job_id": job.id, "token": job.token}
         if outcome.kind == RETRY:
             values = {**fence, "delay": outcome.delay, "error": outcome.error}
-            return self.conn.execute(queries.retry_job, values).first() is not None
+            return self._queued(self.conn.execute(queries.retry_job, values))
         if outcome.kind == HANDED_BACK:
-            return self.conn.execute(queries.hand_back_job, fence).first() is not None
+            return self._queued(self.conn.execute(queries.hand_back_job, fence))
 
         values = {**fence, "state": outcome.kind, "error": outcome.error}
         finished = self.conn.execute(queries.finish_job, values).first()
@@ -160,9 +161,9 @@ class Recording:
 
         if outcome.kind == RETRY:
             values = {**fence, "delay": outcome.delay, "error": outcome.error}
-            return conn.execute(queries.retry_completion, values).first() is not None
+            return self._queued(conn.execute(queries.retry_completion, values))
         if outcome.kind == HANDED_BACK:
-            return conn.execute(queries.hand_back_completion, fence).first() is not None
+            return self._queued(conn.execute(queries.hand_back_completion, fence))
 
         values = {**fence, "state": outcome.kind, "error": outcome.error}
         if conn.execute(queries.finish_completion, values).first() is None:
@@ -181,14 +182,24 @@ class Recording:
         self._ended_run(job_id, finished.schedule)
         return True
 
+    def _queued(self, result: Any) -> bool:
+        """Note a job queued again; True if the fenced UPDATE found it."""
+        found = result.first() is not None
+        self._queued_again = self._queued_again or found
+        return found
+
     def _ended_run(self, job_id: int, schedule: str | None) -> None:
         if schedule is not None:
             self._series[schedule] = job_id
 
     def close(self) -> None:
-        """Enqueue the next job of every series whose run ended here."""
+        """Enqueue the next job of every series whose run ended here, and
+        wake idle nodes about jobs queued again."""
         for schedule in sorted(self._series):
             continue_series(self.conn, self._series.pop(schedule), schedule)
+        if self._queued_again and self.conn.dialect.name == "postgresql":
+            self.conn.execute(queries.notify_idle_nodes)
+            self._queued_again = False
 
 
 @contextmanager

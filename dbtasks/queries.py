@@ -31,6 +31,7 @@ from sqlalchemy import (
     Insert,
     Select,
     String,
+    Text,
     Update,
     and_,
     any_,
@@ -57,6 +58,7 @@ from dbtasks.clock import add_seconds, later_of, seconds_from_now, utcnow
 from dbtasks.schema import (
     FINISHED_STATES,
     KEYED,
+    NOTIFY_CHANNEL,
     OPEN_IN_SERIES,
     CompletionState,
     JobState,
@@ -129,13 +131,48 @@ def _new_job(dialect: str, with_run_at: bool) -> Insert:
 
 @functools.cache
 def insert_jobs(dialect: str, *, with_run_at: bool) -> Insert:
-    """Insert many jobs in one execution, returning their ids in the rows' order.
+    """Insert a batch of jobs that differ only in their params, in one statement.
 
-    Executed with a list of rows, SQLAlchemy sends multi-row INSERTs in pages
-    small enough for PostgreSQL's limit on bound values ("insertmanyvalues").
+    The params travel as one value, a text array on PostgreSQL (`params`)
+    and a JSON array of texts on SQLite (`params_json`), whatever the batch
+    size: one round trip, and no limit on bound values (65,535 per statement
+    on PostgreSQL). Rows go in, and take their ids, in the array's order;
+    the caller sorts the returned ids to match them to the params.
     """
-    return _new_job(dialect, with_run_at).returning(
-        jobs.c.id, sort_by_parameter_order=True
+    if dialect == "postgresql":
+        source = (
+            func.unnest(bindparam("params", type_=ARRAY(Text)))
+            .table_valued("value", with_ordinality="position")
+            .render_derived(name="batch")
+        )
+        position = source.c.position
+    else:
+        source = func.json_each(bindparam("params_json")).table_valued(
+            "key", "value", name="batch"
+        )
+        position = source.c.key
+    run_at = (
+        later_of(bindparam("run_at", type_=jobs.c.run_at.type), utcnow())
+        if with_run_at
+        else utcnow()
+    )
+    rows = (
+        select(
+            bindparam("task"),
+            bindparam("queue"),
+            source.c.value,
+            bindparam("priority"),
+            bindparam("max_attempts"),
+            run_at,
+            utcnow(),
+        )
+        .select_from(source)
+        .order_by(position)
+    )
+    columns = ["task", "queue", "params", "priority", "max_attempts", "run_at",
+               "created_at"]
+    return (
+        _insert(dialect)(jobs).from_select(columns, rows).returning(jobs.c.id)
     )
 
 
@@ -236,6 +273,13 @@ set_node_idle: Update = (
 """Say whether this node waits for work. While any node does, inserting jobs
 sends a NOTIFY (PostgreSQL, the trigger in the migrations); while none does,
 enqueues pay nothing for it. Written only when it changes."""
+
+notify_idle_nodes: Select[Any] = select(
+    func.pg_notify(NOTIFY_CHANNEL, "")
+).where(exists(select(literal(1)).where(nodes.c.idle)))
+"""Wake idle nodes (PostgreSQL) about jobs that became claimable without an
+INSERT into the jobs table (which notifies by its trigger): a job queued
+again (retried, rescued, handed back), or an `all` job's completions."""
 
 clear_idle_of_dead_nodes: Update = (
     update(nodes)

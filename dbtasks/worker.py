@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import signal
 import socket
@@ -80,6 +81,9 @@ ABANDONED_THREAD_LIMIT = 10.0
 
 #: Longest wait between retries of the loop while the database is down.
 MAX_OUTAGE_BACKOFF = 15.0
+
+#: An idle worker that LISTENs polls this many times less often.
+LISTENING_POLL_FACTOR = 10
 
 
 def default_node_name() -> str:
@@ -152,7 +156,6 @@ class Worker:
         self._hot: Any = None  # a DBAPI connection of the pool's, detached
         self._hot_statements: dict[int, RawStatement] = {}
         self._idle = False  # as last written to the node's row
-        self._busy = False  # the last claim filled every free slot
         self._next_full_claim = 0.0
         self._next_due: float | None = None
         self._next_maintenance = 0.0
@@ -319,22 +322,31 @@ class Worker:
         self._outage = True
 
     def _iterate(self) -> None:
-        self._maintain_if_due()
         self._enforce_timeouts()
         self._retire_if_stuck()
 
         self._wake.clear()
         self._collect_ended()
         free = 0 if self._stopping.is_set() else self._free_slots()
-        if not self._unrecorded and not free:
-            self._wait(self.config.poll_interval)  # every slot busy
-            return
+        claimed: list[ClaimedJob] = []
+        if self._unrecorded or free:
+            claimed = self._record_and_claim(free)
+            for job in claimed:
+                self._start_job(job)
 
-        claimed = self._record_and_claim(free)
-        for job in claimed:
-            self._start_job(job)
-        if len(claimed) < free:
-            self._wait(self._seconds_to_next_due())
+        # After the jobs started, so that none waits for the bookkeeping.
+        idle = len(claimed) < free
+        self._note_idleness(idle)
+        self._maintain_if_due()
+        if not free or idle:
+            self._wait(self._seconds_to_next_due() if idle else self._idle_poll)
+
+    def _wait(self, timeout: float) -> None:
+        """Sleep until a run ends, a job is enqueued (NOTIFY), `timeout`, or the
+        next rescue or maintenance pass is due."""
+        duty = min(self._next_rescue if self._lifeline else math.inf,
+                   self._next_maintenance) - time.monotonic()
+        self._wake.wait(max(min(timeout, duty), 0.005))
 
     def _held_tokens(self) -> list[str]:
         """The lease tokens of every job this worker holds (for the heartbeat)."""
@@ -355,20 +367,22 @@ class Worker:
     def _record_and_claim(self, free: int) -> list[ClaimedJob]:
         """Record what ended and claim up to `free` due jobs, in one commit.
 
-        A busy worker on PostgreSQL does both in one statement
-        (claim.finish_and_claim_postgresql). Otherwise, and at least once per
-        poll interval, one transaction records every kind of outcome, claims
-        `all` jobs and from every queue, and notes whether the node is idle.
+        On PostgreSQL the usual case is one statement
+        (claim.finish_and_claim_postgresql): successes recorded, the first
+        queue's jobs claimed. A transaction does the rest: other outcomes,
+        other queues, and `all` jobs (whenever the node is idle, and at least
+        once per poll interval while it is busy).
         """
         claimed: list[ClaimedJob] = []
-        if self._fast_path_fits():
+        fast = self._fast_path_fits()
+        if fast:
             claimed = self._finish_and_claim(free)
-            if len(claimed) == free:
+            if len(claimed) == free or not self._more_to_claim():
                 return claimed
         return claimed + self._record_and_claim_in_transaction(free - len(claimed))
 
     def _fast_path_fits(self) -> bool:
-        if not self._busy or self._autocommit is None or not self._any_tasks:
+        if self._autocommit is None or not self._any_tasks:
             return False
         if self._all_tasks and time.monotonic() >= self._next_full_claim:
             return False
@@ -381,6 +395,10 @@ class Worker:
             )
             for running, outcome in self._unrecorded
         )
+
+    def _more_to_claim(self) -> bool:
+        """Whether jobs may wait where the one-statement claim did not look."""
+        return len(self._queues) > 1 or bool(self._all_tasks)
 
     def _finish_and_claim(self, free: int) -> list[ClaimedJob]:
         ended = self._unrecorded
@@ -441,19 +459,29 @@ class Worker:
         with self.engine.begin() as conn:
             owned = self._record(conn, ended)
             claimed = self._claim(conn, free) if free else []
-            idle = len(claimed) < free
-            if idle:
-                self._next_due = self._next_due_in(conn)
+        self._unrecorded = []
+        self._next_full_claim = time.monotonic() + self.config.poll_interval
+        self._log_outcomes(ended, owned)
+        return claimed
+
+    def _note_idleness(self, idle: bool) -> None:
+        """Learn when the next job falls due, and say in the node's row whether
+        it waits for work (written only when that changes, and only where a
+        NOTIFY can wake it)."""
+        # The next due time only matters once nothing runs: a run that ends
+        # wakes the loop anyway.
+        learn_next_due = idle and not self._running
+        if not learn_next_due and idle == self._idle:
+            return
+        # Two independent statements: on PostgreSQL each commits on its own.
+        engine = self._autocommit or self.engine
+        with engine.begin() as conn:
+            self._next_due = self._next_due_in(conn) if learn_next_due else None
             if self._lifeline is not None and idle != self._idle:
                 conn.execute(
                     queries.set_node_idle, {"node_name": self.node, "idle": idle}
                 )
-        self._unrecorded = []
         self._idle = idle
-        self._busy = free > 0 and not idle
-        self._next_full_claim = time.monotonic() + self.config.poll_interval
-        self._log_outcomes(ended, owned)
-        return claimed
 
     def _log_outcomes(
         self,
@@ -527,24 +555,33 @@ class Worker:
         due = [when for when in due if when is not None]
         return (min(due) - now).total_seconds() if due else None
 
+    @property
+    def _idle_poll(self) -> float:
+        """The longest idle wait. Listening, a worker is told of new jobs, and
+        the poll is only a safety net for a notification lost in a reconnect."""
+        listening = self._lifeline is not None
+        return self.config.poll_interval * (LISTENING_POLL_FACTOR if listening else 1)
+
     def _seconds_to_next_due(self) -> float:
         if self._next_due is None:
-            return self.config.poll_interval
-        return min(self.config.poll_interval, self._next_due)
+            return self._idle_poll
+        return min(self._idle_poll, self._next_due)
 
-    def _wait(self, timeout: float) -> None:
-        """Sleep until a run ends, a job is enqueued (NOTIFY), or `timeout`."""
-        self._wake.wait(max(timeout, 0.005))
 
     # --- maintenance -----------------------------------------------------------
 
     def _maintain_if_due(self) -> None:
         now = time.monotonic()
         if self._lifeline is not None and now >= self._next_rescue:
-            # Cheap and frequent: the jobs of workers whose lifeline is gone.
+            # Frequent, so one cheap statement: are there jobs of a worker
+            # whose lifeline is gone? Only then the rescue's transaction.
             self._next_rescue = now + RESCUE_INTERVAL
-            with self.engine.begin() as conn:
-                lease.rescue_orphaned_jobs(conn)
+            assert self._autocommit is not None
+            with self._autocommit.connect() as conn:
+                orphans = lease.any_orphaned_jobs(conn)
+            if orphans:
+                with self.engine.begin() as conn:
+                    lease.rescue_orphaned_jobs(conn)
         if now < self._next_maintenance:
             return
         self._next_maintenance = now + self.config.heartbeat_interval
