@@ -575,12 +575,17 @@ retry_job: Update = (
     .where(_fence)
     .values(
         state=QUEUED,
-        run_at=seconds_from_now(bindparam("delay")),
+        run_at=case(
+            (bindparam("delay") > 0, seconds_from_now(bindparam("delay"))),
+            else_=jobs.c.run_at,
+        ),
         last_error=bindparam("error"),
         **_release_lease,
     )
     .returning(jobs.c.id)
 )
+"""Queue a job again after `delay` seconds. With no delay (a rescue) it keeps
+its due time, and with it its place ahead of the jobs enqueued after it."""
 
 hand_back_job: Update = (
     update(jobs)
@@ -588,12 +593,12 @@ hand_back_job: Update = (
     .values(
         state=QUEUED,
         attempt=jobs.c.attempt - 1,
-        run_at=utcnow(),
         **_release_lease,
     )
     .returning(jobs.c.id)
 )
-"""Return an unfinished job at shutdown, with its attempt given back."""
+"""Return an unfinished job at shutdown, with its attempt given back and its
+place in the queue kept (its due time is left as it was)."""
 
 _completion_fence = and_(
     completions.c.job_id == bindparam("completion_job"),

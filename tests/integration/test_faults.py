@@ -9,7 +9,7 @@ from dataclasses import replace
 
 from sqlalchemy import select
 
-from dbtasks import enqueue
+from dbtasks import enqueue, lease
 from dbtasks.claim import ClaimedJob
 from dbtasks.outcomes import FAILED, HANDED_BACK, RETRY, SUCCEEDED, Outcome, record
 from dbtasks.schema import jobs
@@ -120,6 +120,33 @@ def test_a_killed_workers_job_runs_again_elsewhere_and_its_late_finish_is_refuse
         ("rescuer", 2, "start"),
         ("rescuer", 2, "end"),
     ]
+
+
+def test_a_rescued_job_keeps_its_place_ahead_of_later_jobs(
+    database_url, engine, start_worker
+):
+    killed = start_worker(database_url, "--node", "killed", "--lease", "2",
+                          "--concurrency", "1")
+    with engine.begin() as conn:
+        first = enqueue(conn, basic.record, {"sleep": 3})
+    wait_for_event(engine, first, "killed", 1)
+    with engine.begin() as conn:
+        later = [enqueue(conn, faults.tick) for _ in range(3)]
+    killed.kill()
+    # Rescued here, so that no worker claims the later jobs before the rescue.
+    wait_for(lambda: sql(engine, "SELECT lease_expires_at < CURRENT_TIMESTAMP "
+                         "FROM dbtasks_jobs WHERE id = :id", id=first)[0][0],
+             message="the killed worker's lease to expire")
+    with engine.begin() as conn:
+        assert lease.rescue_expired_jobs(conn) == 1
+
+    start_worker(database_url, "--node", "rescuer", "--concurrency", "1")
+    wait_for_state(engine, later[-1], "succeeded")
+
+    # One slot: the rescuer runs jobs one by one, and the rescued job first.
+    order = sql(engine, "SELECT job_id FROM test_runs WHERE node = 'rescuer' "
+                "AND event IN ('start', 'run') ORDER BY id")
+    assert [job_id for (job_id,) in order] == [first, *later]
 
 
 def test_a_job_that_keeps_killing_its_worker_ends_failed(
