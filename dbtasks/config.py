@@ -75,7 +75,8 @@ class Config:
     older than `node_timeout` is dead. `retention` is how long finished jobs
     are kept (0 keeps them forever). `lifeline` (PostgreSQL only) keeps one
     extra connection per worker so that a dead worker's jobs are rescued in
-    about a second rather than after their lease (lease.Lifeline).
+    about a second rather than after their lease, and LISTENs for new jobs
+    (lifeline.Lifeline).
     """
 
     database_url: URL = field(default_factory=lambda: make_url(DEFAULT_DATABASE_URL))

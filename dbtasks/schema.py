@@ -213,7 +213,7 @@ nodes = Table(
     Column("heartbeat_at", UtcDateTime, nullable=False),
     Column("stopped_at", UtcDateTime),
     # PostgreSQL: the advisory lock this node holds on its lifeline connection
-    # while it lives (see lease.Lifeline); NULL on SQLite or without one.
+    # while it lives (see lifeline.Lifeline); NULL on SQLite or without one.
     Column("lifeline_key", BigInteger),
     # True while the node waits for work: on PostgreSQL an insert into the
     # jobs table sends a NOTIFY only if some node is idle (see migrations).

@@ -117,9 +117,9 @@ class RunningJob:
 class Worker:
     """One node: its name, its tasks, its engine, and the jobs it is running.
 
-    `run()` registers the node, then repeats maintain, record and claim,
-    start, wait, until a signal or `stop()`; then it hands back what it could
-    not finish and deregisters.
+    `run()` registers the node, then repeats record-and-claim, start, note
+    idleness, maintain, wait, until a signal or `stop()`; then it hands back
+    what it could not finish and deregisters.
     """
 
     def __init__(self, config: Config, registry: Registry):
@@ -349,11 +349,15 @@ class Worker:
         self._wake.wait(max(min(timeout, duty), 0.005))
 
     def _held_tokens(self) -> list[str]:
-        """The lease tokens of every job this worker holds (for the heartbeat)."""
+        """The lease tokens of every job this worker holds (for the heartbeat).
+
+        Under the lock, as a run moves from running to ended to unrecorded,
+        so that none is missed on the way.
+        """
         with self._lock:
             tokens = {running.job.token for running in self._running.values()}
-        tokens.update(running.job.token for running, _ in list(self._ended))
-        tokens.update(running.job.token for running, _ in self._unrecorded)
+            tokens.update(running.job.token for running, _ in self._ended)
+            tokens.update(running.job.token for running, _ in self._unrecorded)
         return sorted(tokens)
 
     def _free_slots(self) -> int:
@@ -361,8 +365,9 @@ class Worker:
             return self.config.concurrency - len(self._running)
 
     def _collect_ended(self) -> None:
-        while self._ended:
-            self._unrecorded.append(self._ended.popleft())
+        with self._lock:
+            self._unrecorded.extend(self._ended)
+            self._ended.clear()
 
     def _record_and_claim(self, free: int) -> list[ClaimedJob]:
         """Record what ended and claim up to `free` due jobs, in one commit.
@@ -633,8 +638,7 @@ class Worker:
         try:
             params = decode_params(job.params)
         except ValueError as exc:
-            self._ended.append((running, unreadable_params(job, exc)))
-            self._wake.set()
+            self._end(running, unreadable_params(job, exc))
             return
 
         task = running.task
@@ -655,10 +659,13 @@ class Worker:
 
     def _on_run_ended(self, running: RunningJob, error: BaseException | None) -> None:
         """Called on the run's thread: hand the outcome to the loop."""
-        outcome = None if running.recorded else classify(running.job, error)
+        self._end(running, None if running.recorded else classify(running.job, error))
+
+    def _end(self, running: RunningJob, outcome: Outcome | None) -> None:
+        """Hand a run's outcome (None: recorded already) to the loop."""
         with self._lock:
             self._running.pop(id(running), None)
-        self._ended.append((running, outcome))
+            self._ended.append((running, outcome))
         self._wake.set()
 
     def _context(self, running: RunningJob) -> JobContext:
@@ -771,7 +778,7 @@ class Worker:
                 f"task {running.task.name} ran past its timeout of "
                 f"{running.task.timeout:g}s"
             )
-            self._ended.append((running, classify(running.job, timeout)))
+            self._end(running, classify(running.job, timeout))
             logger.warning(
                 "job %s timed out; its thread cannot be stopped and keeps running",
                 running.job.id,
@@ -779,13 +786,10 @@ class Worker:
             )
 
     def _abandon(self, running: RunningJob) -> bool:
-        """Take the job's slot back from its run; False if the run ended first."""
+        """End the job's run without it (its slot is freed when the caller
+        hands over the outcome, _end); False if the run ended first."""
         assert self._executor is not None and running.run is not None
-        if not self._executor.abandon(running.run):
-            return False
-        with self._lock:
-            self._running.pop(id(running), None)
-        return True
+        return self._executor.abandon(running.run)
 
     def _retire_if_stuck(self) -> None:
         """Retire the worker when a timed-out thread will not end.
@@ -859,7 +863,7 @@ class Worker:
             unfinished = list(self._running.values())
         for running in unfinished:
             if self._abandon(running):
-                self._ended.append((running, Outcome(HANDED_BACK)))
+                self._end(running, Outcome(HANDED_BACK))
 
     def _deregister(self) -> None:
         with self.engine.begin() as conn:

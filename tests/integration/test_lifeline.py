@@ -2,7 +2,7 @@
 
 The lease here is a minute; the test asserts the second run started while the
 first run's lease still had most of that minute left, which only the lifeline
-(lease.Lifeline) can explain.
+(lifeline.Lifeline) can explain.
 """
 
 from __future__ import annotations
