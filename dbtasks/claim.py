@@ -25,21 +25,18 @@ from sqlalchemy import (
     Update,
     any_,
     bindparam,
-    false,
+    exists,
     literal_column,
     null,
     select,
-    true,
     union_all,
     update,
 )
 from sqlalchemy import String as SqlString
-from sqlalchemy.ext.compiler import compiles
-from sqlalchemy.sql.expression import FunctionElement
 
 from dbtasks import queries
 from dbtasks.clock import seconds_from_now, utcnow
-from dbtasks.queries import QUEUED, RUNNING, _node_alive, in_state
+from dbtasks.queries import QUEUED, RUNNING, _node_alive, array_of, in_state
 from dbtasks.schema import CompletionState, completions, jobs, nodes
 
 
@@ -90,18 +87,6 @@ _claim_values = {
 }
 
 
-class array_of(FunctionElement[Any]):  # noqa: N801 - reads as SQL
-    """PostgreSQL's ARRAY(subquery): the subquery's rows as one array value."""
-
-    inherit_cache = True
-
-
-@compiles(array_of, "postgresql")
-def _array_of_postgresql(element: Any, compiler: Any, **kw: Any) -> str:
-    (subquery,) = element.clauses
-    return f"ARRAY({compiler.process(subquery.element, **kw)})"
-
-
 @functools.cache
 def claim_any_jobs_postgresql(limit: int) -> Update:
     """Claim up to `limit` due jobs of the given tasks in one queue (PostgreSQL).
@@ -116,9 +101,9 @@ def claim_any_jobs_postgresql(limit: int) -> Update:
     into a hash join over the whole table under a generic plan).
 
     The LIMIT is written into the statement's text, one statement (and one
-    prepared statement) per batch size, so that the generic plan knows it. One queue per
-    statement: with `queue = ANY(...)` the planner can no longer read the
-    index in order and sorts every queued job instead.
+    prepared statement) per batch size, so that the generic plan knows it.
+    One queue per statement: with `queue = ANY(...)` the planner can no
+    longer read the index in order and sorts every queued job instead.
     """
     picked = jobs.alias("picked")
     due = (
@@ -142,27 +127,44 @@ def claim_any_jobs_postgresql(limit: int) -> Update:
     )
 
 
+#: What a row of finish_and_claim_postgresql is: its first column.
+FINISHED, CLAIMED, PROMOTED, NOTIFIED = 0, 1, 2, 3
+
+
 @functools.cache
 def finish_and_claim_postgresql(limit: int) -> CompoundSelect:
-    """Record a batch of successes and claim the next batch, in one statement
-    (PostgreSQL; the busy worker's path).
+    """Record a batch of successes, move the queue's due scheduled jobs to
+    queued, and claim the next batch, in one statement (PostgreSQL).
 
     Run in autocommit, this is one round trip and one commit per batch of
-    jobs, where a transaction of the same two statements would take four
-    round trips (BEGIN and COMMIT are trips of their own). The two data-
-    modifying CTEs touch different rows (running ones are finished, queued
-    ones claimed) and both run exactly once, whether or not rows come back.
+    jobs, where a transaction of the same statements would take two more
+    (BEGIN and COMMIT are trips of their own). The data-modifying CTEs touch
+    different rows (running ones are finished, scheduled ones moved, queued
+    ones claimed) and each runs exactly once, whether or not rows come back.
+    The jobs moved to queued are claimed by the next statement, which sees
+    them; idle nodes are notified of them.
 
-    Returns one row per finished job (`claimed` false: its id; a job whose
-    lease was lost is missing) and one per claimed job (`claimed` true: the
-    columns of a ClaimedJob).
+    Returns one row per finished job (FINISHED, its id; a job whose lease was
+    lost is missing), per claimed job (CLAIMED, the columns of a ClaimedJob)
+    and per job moved to queued (PROMOTED, its id), then one NOTIFIED row if
+    any was moved.
     """
     finished = queries.finish_succeeded_jobs_postgresql().cte("finished")
     claimed = claim_any_jobs_postgresql(limit).cte("claimed")
+    promoted = queries.promote_scheduled_jobs("postgresql").cte("promoted")
+    notified = (
+        select(queries.notify_idle_nodes.scalar_subquery())
+        .where(exists(select(literal_column("1")).select_from(promoted)))
+        .cte("notified")
+    )
     blanks = [null()] * (len(_returned) - 1)
     return union_all(
-        select(false().label("claimed"), finished.c.id, *blanks),
-        select(true(), *(claimed.c[column.name] for column in _returned)),
+        select(literal_column(str(FINISHED)).label("kind"), finished.c.id, *blanks),
+        select(literal_column(str(CLAIMED)),
+               *(claimed.c[column.name] for column in _returned)),
+        select(literal_column(str(PROMOTED)), promoted.c.id, *blanks),
+        # Read, so that it runs: a plain SELECT in a WITH runs only if used.
+        select(literal_column(str(NOTIFIED)), null(), *blanks).select_from(notified),
     )
 
 
@@ -235,6 +237,22 @@ def claim_any_jobs(
         rows.sort(key=lambda row: (row.priority, row.id))
         claimed += [ClaimedJob(*row, token=token) for row in rows]
     return claimed
+
+
+def promote_scheduled_jobs(conn: Connection, queues: list[str]) -> int:
+    """Move the queues' due scheduled jobs to queued; return how many moved.
+
+    Idle nodes are notified of them: a node that could run them may be asleep
+    until a later due time it knew of.
+    """
+    statement = queries.promote_scheduled_jobs(conn.dialect.name)
+    moved = sum(
+        len(conn.execute(statement, {"promote_queue": queue}).all())
+        for queue in queues
+    )
+    if moved and conn.dialect.name == "postgresql":
+        conn.execute(queries.notify_idle_nodes)
+    return moved
 
 
 # --- all jobs -----------------------------------------------------------------

@@ -52,7 +52,9 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.elements import ColumnElement, Grouping
+from sqlalchemy.sql.expression import FunctionElement
 
 from dbtasks.clock import add_seconds, later_of, seconds_from_now, utcnow
 from dbtasks.schema import (
@@ -68,11 +70,25 @@ from dbtasks.schema import (
     schedules,
 )
 
+SCHEDULED = JobState.SCHEDULED.value
 QUEUED = JobState.QUEUED.value
 RUNNING = JobState.RUNNING.value
-OPEN_STATES = (QUEUED, RUNNING)
+WAITING_STATES = (SCHEDULED, QUEUED)
+OPEN_STATES = (SCHEDULED, QUEUED, RUNNING)
 FINISHED = tuple(state.value for state in FINISHED_STATES)
 OPEN_COMPLETIONS = (CompletionState.QUEUED.value, CompletionState.RUNNING.value)
+
+
+class array_of(FunctionElement[Any]):  # noqa: N801 - reads as SQL
+    """PostgreSQL's ARRAY(subquery): the subquery's rows as one array value."""
+
+    inherit_cache = True
+
+
+@compiles(array_of, "postgresql")
+def _array_of_postgresql(element: Any, compiler: Any, **kw: Any) -> str:
+    (subquery,) = element.clauses
+    return f"ARRAY({compiler.process(subquery.element, **kw)})"
 
 
 def in_state(column: Any, *states: str) -> ColumnElement[bool]:
@@ -87,6 +103,15 @@ def in_state(column: Any, *states: str) -> ColumnElement[bool]:
     if len(written) == 1:
         return column == written[0]
     return column.in_(written)
+
+
+def state_for(run_at: Any) -> Any:
+    """The state of a job waiting to run at `run_at`: scheduled until then,
+    queued (due) from then on."""
+    return case(
+        (run_at > utcnow(), literal_column(f"'{SCHEDULED}'")),
+        else_=literal_column(f"'{QUEUED}'"),
+    )
 
 
 def _insert(dialect: str) -> Any:
@@ -124,6 +149,7 @@ def _new_job(dialect: str, with_run_at: bool) -> Insert:
         priority=bindparam("priority"),
         max_attempts=bindparam("max_attempts"),
         idempotency_key=bindparam("idempotency_key"),
+        state=state_for(run_at) if with_run_at else QUEUED,
         run_at=run_at,
         created_at=utcnow(),
     )
@@ -163,14 +189,15 @@ def insert_jobs(dialect: str, *, with_run_at: bool) -> Insert:
             source.c.value,
             bindparam("priority"),
             bindparam("max_attempts"),
+            state_for(run_at) if with_run_at else literal_column(f"'{QUEUED}'"),
             run_at,
             utcnow(),
         )
         .select_from(source)
         .order_by(position)
     )
-    columns = ["task", "queue", "params", "priority", "max_attempts", "run_at",
-               "created_at"]
+    columns = ["task", "queue", "params", "priority", "max_attempts", "state",
+               "run_at", "created_at"]
     return (
         _insert(dialect)(jobs).from_select(columns, rows).returning(jobs.c.id)
     )
@@ -574,7 +601,10 @@ retry_job: Update = (
     update(jobs)
     .where(_fence)
     .values(
-        state=QUEUED,
+        state=case(
+            (bindparam("delay") > 0, literal_column(f"'{SCHEDULED}'")),
+            else_=literal_column(f"'{QUEUED}'"),
+        ),
         run_at=case(
             (bindparam("delay") > 0, seconds_from_now(bindparam("delay"))),
             else_=jobs.c.run_at,
@@ -716,6 +746,7 @@ def enqueue_next_in_series(dialect: str) -> Insert:
     was retired, or when a job of the series is already queued or running.
     """
     finished = jobs.alias("finished")
+    due = seconds_from_now(schedules.c.frequency)
     source = select(
         finished.c.task,
         finished.c.queue,
@@ -723,13 +754,15 @@ def enqueue_next_in_series(dialect: str) -> Insert:
         finished.c.priority,
         finished.c.max_attempts,
         finished.c.schedule,
-        seconds_from_now(schedules.c.frequency),
+        state_for(due),
+        due,
         utcnow(),
     ).where(
         finished.c.id == bindparam("job_id"),
         schedules.c.task == finished.c.schedule,
     )
-    columns = ["task", "queue", "params", "priority", "max_attempts", "schedule"]
+    columns = ["task", "queue", "params", "priority", "max_attempts", "schedule",
+               "state"]
     return (
         _insert(dialect)(jobs)
         .from_select([*columns, "run_at", "created_at"], source)
@@ -784,34 +817,38 @@ change_frequency: Update = (
     )
 )
 
-def _queued_in_series(*conditions: Any) -> Any:
-    """Ids of the series' queued jobs that no one has locked.
+def _waiting_in_series(*conditions: Any) -> Any:
+    """Ids of the series' waiting (scheduled or queued) jobs no one has locked.
 
     For the two statements that change a series' jobs while holding its
     schedule row: they must never wait for a job row, since a finishing
     worker holds its job row while it waits for the schedule row. A locked
-    queued job is being claimed, so it is no longer theirs to change.
+    waiting job is being claimed, so it is no longer theirs to change.
     """
-    queued = jobs.alias("queued")
+    waiting = jobs.alias("waiting")
     return (
-        select(queued.c.id)
+        select(waiting.c.id)
         .where(
-            queued.c.schedule == bindparam("schedule_task"),
-            in_state(queued.c.state, QUEUED),
-            *(condition(queued) for condition in conditions),
+            waiting.c.schedule == bindparam("schedule_task"),
+            in_state(waiting.c.state, *WAITING_STATES),
+            *(condition(waiting) for condition in conditions),
         )
         .with_for_update(skip_locked=True)
         .scalar_subquery()
     )
 
 
+_retimed = add_seconds(jobs.c.run_at, bindparam("shift"))
+
 retime_series_job: Update = (
     update(jobs)
-    .where(jobs.c.id.in_(_queued_in_series(lambda queued: queued.c.attempt == 0)))
-    .values(run_at=add_seconds(jobs.c.run_at, bindparam("shift")))
+    .where(
+        jobs.c.id.in_(_waiting_in_series(lambda waiting: waiting.c.attempt == 0))
+    )
+    .values(run_at=_retimed, state=state_for(_retimed))
 )
-"""Move a queued series job by the change in frequency (its first attempt only;
-a retry keeps its backoff)."""
+"""Move a waiting series job by the change in frequency (its first attempt
+only; a retry keeps its backoff)."""
 
 
 @functools.cache
@@ -836,10 +873,12 @@ def ensure_series_job(dialect: str) -> Insert:
         bindparam("series_priority"),
         bindparam("series_max_attempts"),
         schedules.c.task,
+        state_for(schedules.c.next_run_at),
         schedules.c.next_run_at,
         utcnow(),
     ).where(schedules.c.task == bindparam("schedule_task"), ~exists(open_job))
-    columns = ["task", "queue", "params", "priority", "max_attempts", "schedule"]
+    columns = ["task", "queue", "params", "priority", "max_attempts", "schedule",
+               "state"]
     return (
         _insert(dialect)(jobs)
         .from_select([*columns, "run_at", "created_at"], source)
@@ -859,7 +898,7 @@ retire_schedule: Delete = delete(schedules).where(
 
 cancel_retired_series: Update = (
     update(jobs)
-    .where(jobs.c.id.in_(_queued_in_series()))
+    .where(jobs.c.id.in_(_waiting_in_series()))
     .values(
         state=JobState.CANCELLED.value,
         finished_at=utcnow(),
@@ -871,67 +910,75 @@ cancel_retired_series: Update = (
 # --- idle sleep and retention --------------------------------------------------
 
 
-def _next_due_in_queue(number: int) -> Any:
-    """The earliest due time of a queue's jobs of the node's tasks.
-
-    The claim's index is ordered by priority first, so a plain min(run_at)
-    would read every queued job of the queue, and a second index ordered by
-    due time would tempt the planner into sorting the whole queue for each
-    claim (it did, on a table not yet analysed). So the query skips from one
-    priority to the next (each step a min() the index answers at once) and
-    takes the earliest due time within each: a few index probes per
-    distinct priority, however many jobs wait.
-    """
-    queue = bindparam(f"queue_{number}")
-
-    def queued(table: Any) -> tuple[Any, Any]:
-        return in_state(table.c.state, QUEUED), table.c.queue == queue
-
-    # ORDER BY ... LIMIT 1 rather than min(): the planner turns a min() into
-    # that only when its statistics say it pays, and on a table not yet
-    # analysed they do not.
-    lowest, higher, due = jobs.alias("lowest"), jobs.alias("higher"), jobs.alias("due")
-    first = (
-        select(lowest.c.priority)
-        .where(*queued(lowest))
-        .order_by(lowest.c.priority)
-        .limit(1)
-    )
-    levels = select(first.scalar_subquery().label("priority")).cte(
-        f"levels_{number}", recursive=True
-    )
-    step = select(
-        select(higher.c.priority)
-        .where(*queued(higher), higher.c.priority > levels.c.priority)
-        .order_by(higher.c.priority)
-        .limit(1)
-        .scalar_subquery()
-    ).where(levels.c.priority.is_not(None))
-    levels = levels.union_all(step)
-    earliest = (
-        select(due.c.run_at)
-        .where(
-            *queued(due),
-            due.c.priority == levels.c.priority,
-            due.c.task.in_(bindparam("tasks", expanding=True)),
-        )
-        .order_by(due.c.run_at)
-        .limit(1)
-        .scalar_subquery()
-    )
-    return select(func.min(earliest)).select_from(levels).scalar_subquery()
-
-
 @functools.cache
 def next_due(queue_count: int) -> Select[Any]:
     """The database's time, then the earliest due time of this node's
-    completions, then of each of its queues (bound as queue_0, queue_1 ...)."""
+    completions, then of the scheduled jobs of each of its queues (bound as
+    queue_0, queue_1 ...). Queued jobs are due already: the claim takes them.
+
+    Each queue's time is the first entry of ix_dbtasks_jobs_scheduled.
+    """
     completion = select(func.min(completions.c.run_at)).where(
         completions.c.node == bindparam("node_name"),
         completions.c.state == CompletionState.QUEUED.value,
     )
-    per_queue = [_next_due_in_queue(number) for number in range(queue_count)]
+    per_queue = [
+        select(jobs.c.run_at)
+        .where(
+            in_state(jobs.c.state, SCHEDULED),
+            jobs.c.queue == bindparam(f"queue_{number}"),
+        )
+        .order_by(jobs.c.run_at)
+        .limit(1)
+        .scalar_subquery()
+        for number in range(queue_count)
+    ]
     return select(utcnow(), completion.scalar_subquery(), *per_queue)
+
+
+#: Scheduled jobs moved to queued per statement; more wait for the next one.
+PROMOTE_BATCH = 1000
+
+
+def due_scheduled_jobs(queue: Any) -> Any:
+    """Ids of a queue's scheduled jobs whose time has come, earliest first, that
+    no one else is moving (SKIP LOCKED)."""
+    scheduled = jobs.alias("scheduled")
+    return (
+        select(scheduled.c.id)
+        .where(
+            in_state(scheduled.c.state, SCHEDULED),
+            scheduled.c.queue == queue,
+            scheduled.c.run_at <= utcnow(),
+        )
+        .order_by(scheduled.c.run_at)
+        .limit(literal_column(str(PROMOTE_BATCH)))
+        .with_for_update(skip_locked=True)
+        .scalar_subquery()
+    )
+
+
+@functools.cache
+def promote_scheduled_jobs(dialect: str) -> Update:
+    """Move a queue's due scheduled jobs to queued, where the claim finds them.
+
+    Run by every claim, for the worker's queues, so a job due at a time
+    reaches the claim's index when its time comes, whatever worker is busy.
+    Returns the moved ids: other nodes are notified of them (the caller
+    does), since they may be idle and not due to look.
+    """
+    picked = due_scheduled_jobs(bindparam("promote_queue"))
+    where = (
+        jobs.c.id == any_(array_of(picked))
+        if dialect == "postgresql"
+        else jobs.c.id.in_(picked)
+    )
+    return (
+        update(jobs)
+        .where(where)
+        .values(state=literal_column(f"'{QUEUED}'"))
+        .returning(jobs.c.id)
+    )
 
 
 _old = jobs.alias("old")

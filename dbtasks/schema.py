@@ -49,8 +49,14 @@ metadata = MetaData(
 
 
 class JobState(str, enum.Enum):
-    """Where a job stands. The same words are used in SQL, logs and docs."""
+    """Where a job stands. The same words are used in SQL, logs and docs.
 
+    `queued` jobs are due: their run_at has come. `scheduled` ones wait for
+    it; the claim moves them to queued once it comes, so that the index the
+    claim reads holds due jobs only (queries.promote_scheduled_jobs).
+    """
+
+    SCHEDULED = "scheduled"
     QUEUED = "queued"
     RUNNING = "running"
     SUCCEEDED = "succeeded"
@@ -90,9 +96,8 @@ def _in_list(column: str, states: tuple[enum.Enum, ...]) -> str:
 #: The predicates of the two unique partial indexes, which an INSERT's ON
 #: CONFLICT must name word for word (as literal SQL: see queries.in_state).
 KEYED = "idempotency_key IS NOT NULL"
-OPEN_IN_SERIES = "schedule IS NOT NULL AND " + _in_list(
-    "state", (JobState.QUEUED, JobState.RUNNING)
-)
+OPEN_STATES = (JobState.SCHEDULED, JobState.QUEUED, JobState.RUNNING)
+OPEN_IN_SERIES = "schedule IS NOT NULL AND " + _in_list("state", OPEN_STATES)
 
 # The id is a rowid alias on SQLite (Integer primary key) and a bigint identity
 # on PostgreSQL.
@@ -133,7 +138,9 @@ jobs = Table(
         sqlite_where=text(KEYED),
     ),
     # The claim reads this index in order: queued jobs by queue, then priority,
-    # then due time. Finished jobs stay out of it, so history does not slow it.
+    # then due time. Only due jobs are in it: jobs due later (scheduled) and
+    # finished ones stay out, so neither a backlog of future jobs nor history
+    # slows the claim.
     Index(
         "ix_dbtasks_jobs_due",
         "queue",
@@ -143,13 +150,23 @@ jobs = Table(
         postgresql_where=text("state = 'queued'"),
         sqlite_where=text("state = 'queued'"),
     ),
+    # A queue's scheduled jobs by due time: which to move to queued, and when
+    # an idle worker should next wake.
+    Index(
+        "ix_dbtasks_jobs_scheduled",
+        "queue",
+        "run_at",
+        postgresql_where=text("state = 'scheduled'"),
+        sqlite_where=text("state = 'scheduled'"),
+    ),
     Index(
         "ix_dbtasks_jobs_lease",
         "lease_expires_at",
         postgresql_where=text("state = 'running'"),
         sqlite_where=text("state = 'running'"),
     ),
-    # At most one queued-or-running job per periodic series, by construction.
+    # At most one open job (scheduled, queued or running) per periodic series,
+    # by construction.
     Index(
         "uq_dbtasks_jobs_series",
         "schedule",

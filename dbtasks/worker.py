@@ -379,9 +379,12 @@ class Worker:
         once per poll interval while it is busy).
         """
         claimed: list[ClaimedJob] = []
-        fast = self._fast_path_fits()
-        if fast:
-            claimed = self._finish_and_claim(free)
+        if self._fast_path_fits():
+            claimed, promoted = self._finish_and_claim(free)
+            if promoted and len(claimed) < free:
+                # Jobs just moved to queued: the next statement sees them.
+                more, _ = self._finish_and_claim(free - len(claimed))
+                claimed += more
             if len(claimed) == free or not self._more_to_claim():
                 return claimed
         return claimed + self._record_and_claim_in_transaction(free - len(claimed))
@@ -405,7 +408,9 @@ class Worker:
         """Whether jobs may wait where the one-statement claim did not look."""
         return len(self._queues) > 1 or bool(self._all_tasks)
 
-    def _finish_and_claim(self, free: int) -> list[ClaimedJob]:
+    def _finish_and_claim(self, free: int) -> tuple[list[ClaimedJob], int]:
+        """The one-statement path; returns the claimed jobs and how many
+        scheduled jobs it moved to queued."""
         ended = self._unrecorded
         successes = [running.job for running, outcome in ended if outcome is not None]
         successes.sort(key=lambda job: job.id)  # job rows in id order
@@ -417,16 +422,20 @@ class Worker:
             "token": token,
             "lease": self.config.lease_seconds,
             "claim_queue": self._queues[0],
+            "promote_queue": self._queues[0],
             "tasks": self._any_tasks,
         }
         rows = self._execute_hot(free, values)
         self._unrecorded = []
 
-        owned = {(row[1], None) for row in rows if not row[0]}
+        owned = {(row[1], None) for row in rows if row[0] == claim.FINISHED}
         self._log_outcomes(ended, owned)
-        claimed = [ClaimedJob(*row[1:], token=token) for row in rows if row[0]]
+        claimed = [
+            ClaimedJob(*row[1:], token=token) for row in rows if row[0] == claim.CLAIMED
+        ]
         claimed.sort(key=lambda job: (job.priority, job.id))
-        return claimed
+        promoted = sum(1 for row in rows if row[0] == claim.PROMOTED)
+        return claimed, promoted
 
     def _execute_hot(self, limit: int, values: dict[str, Any]) -> list[Any]:
         """Run claim.finish_and_claim_postgresql on the loop's own connection.
@@ -527,6 +536,7 @@ class Worker:
     def _claim(self, conn: Connection, free: int) -> list[ClaimedJob]:
         token = uuid.uuid4().hex
         claimed: list[ClaimedJob] = []
+        claim.promote_scheduled_jobs(conn, self._queues)
         if self._all_tasks:
             claim.expand_all_jobs(
                 conn,
@@ -553,8 +563,9 @@ class Worker:
         return claimed
 
     def _next_due_in(self, conn: Connection) -> float | None:
-        """Seconds until the earliest queued job this node could run, if any."""
-        values = {"tasks": self._any_tasks + self._all_tasks, "node_name": self.node}
+        """Seconds until this node's earliest scheduled job or completion is
+        due, if it has any."""
+        values: dict[str, Any] = {"node_name": self.node}
         values.update({f"queue_{n}": queue for n, queue in enumerate(self._queues)})
         now, *due = conn.execute(queries.next_due(len(self._queues)), values).one()
         due = [when for when in due if when is not None]

@@ -296,7 +296,7 @@ class Run:
                 with psycopg.connect(self.plain_url) as conn:
                     (open_jobs,) = conn.execute(
                         "SELECT count(*) FROM dbtasks_jobs WHERE schedule IS NULL "
-                        "AND state IN ('queued', 'running')"
+                        "AND state IN ('scheduled', 'queued', 'running')"
                     ).fetchone()
                 if open_jobs == 0:
                     return True

@@ -19,7 +19,9 @@ depends_on = None
 # dbtasks/clock.py). Written out here so this revision never changes.
 TIMESTAMP = sa.DateTime(timezone=True).with_variant(sa.String(32), "sqlite")
 ID = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
-JOB_STATES = "state IN ('queued', 'running', 'succeeded', 'failed', 'cancelled')"
+JOB_STATES = (
+    "state IN ('scheduled', 'queued', 'running', 'succeeded', 'failed', 'cancelled')"
+)
 COMPLETION_STATES = (
     "state IN ('queued', 'running', 'succeeded', 'failed', 'cancelled', 'dropped')"
 )
@@ -70,6 +72,12 @@ def upgrade() -> None:
         **_partial("state = 'queued'"),
     )
     op.create_index(
+        "ix_dbtasks_jobs_scheduled",
+        "dbtasks_jobs",
+        ["queue", "run_at"],
+        **_partial("state = 'scheduled'"),
+    )
+    op.create_index(
         "ix_dbtasks_jobs_lease",
         "dbtasks_jobs",
         ["lease_expires_at"],
@@ -80,7 +88,9 @@ def upgrade() -> None:
         "dbtasks_jobs",
         ["schedule"],
         unique=True,
-        **_partial("schedule IS NOT NULL AND state IN ('queued', 'running')"),
+        **_partial(
+            "schedule IS NOT NULL AND state IN ('scheduled', 'queued', 'running')"
+        ),
     )
     op.create_index(
         "ix_dbtasks_jobs_finished",

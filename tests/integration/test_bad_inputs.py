@@ -215,7 +215,7 @@ def test_a_worker_outlives_a_locked_sqlite_file_and_then_runs_the_job_once(
         # Seen through the lock holder's own transaction: nothing ran meanwhile.
         assert holder.execute(
             "SELECT state, attempt FROM dbtasks_jobs WHERE id = ?", (job_id,)
-        ).fetchall() == [("queued", 0)]
+        ).fetchall() == [("scheduled", 0)]
         assert holder.execute("SELECT count(*) FROM test_runs").fetchall() == [(0,)]
     finally:
         holder.execute("ROLLBACK")

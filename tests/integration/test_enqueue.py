@@ -164,8 +164,8 @@ def test_an_application_on_another_postgresql_driver(pg_url, driver):
         queue.dispose()
 
     assert rows == [
-        (job_id, "noop", f'{{"driver":"{driver}"}}', "default", 0, 5, "queued", 0,
-         None)
+        (job_id, "noop", f'{{"driver":"{driver}"}}', "default", 0, 5, "scheduled",
+         0, None)
     ]
     assert timedelta(minutes=59) < run_at - created_at < timedelta(minutes=61)
 

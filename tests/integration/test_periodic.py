@@ -53,7 +53,7 @@ def open_series_jobs(engine, task):
     return sql(
         engine,
         "SELECT count(*) FROM dbtasks_jobs WHERE schedule = :task "
-        "AND state IN ('queued', 'running')",
+        "AND state IN ('scheduled', 'queued', 'running')",
         task=task,
     )[0][0]
 
@@ -63,7 +63,7 @@ def finished_series_jobs(engine, task):
     return sql(
         engine,
         "SELECT id, state, attempt FROM dbtasks_jobs WHERE schedule = :task "
-        "AND state NOT IN ('queued', 'running') ORDER BY id",
+        "AND state NOT IN ('scheduled', 'queued', 'running') ORDER BY id",
         task=task,
     )
 

@@ -54,7 +54,8 @@ def test_a_new_frequency_retimes_the_queued_job_by_the_difference(engine):
 
     assert sql(engine, "SELECT frequency FROM dbtasks_schedules") == [(30.0,)]
     ((same_job, state, due_after),) = _series(engine)
-    assert (same_job, state) == (job_id, "queued")
+    # Due now, it was queued; 20 seconds later it waits again, scheduled.
+    assert (same_job, state) == (job_id, "scheduled")
     assert due_after - due_before == timedelta(seconds=20)
 
 
@@ -95,6 +96,7 @@ def test_workers_starting_while_a_series_runs_never_deadlock(engine_pg):
         while time.monotonic() < stop and not errors:
             try:
                 with engine_pg.begin() as conn:
+                    claim.promote_scheduled_jobs(conn, ["default"])
                     claimed = claim.claim_any_jobs(
                         conn, node="runner", token=uuid.uuid4().hex,
                         tasks=["report"], queues=["default"], limit=1, lease=30,
@@ -116,8 +118,23 @@ def test_workers_starting_while_a_series_runs_never_deadlock(engine_pg):
     assert errors == []
     assert finished > 20  # the series really ran while workers started
     open_jobs = [state for _, state, _ in _series(engine_pg)
-                 if state in ("queued", "running")]
+                 if state in ("scheduled", "queued", "running")]
     assert len(open_jobs) == 1
+
+
+def _claim_when_due(conn):
+    """Claim the series' next job, waiting the millisecond until it is due."""
+    for _ in range(1000):
+        with conn.begin():
+            claim.promote_scheduled_jobs(conn, ["default"])
+            claimed = claim.claim_any_jobs(
+                conn, node="runner", token=uuid.uuid4().hex, tasks=["report"],
+                queues=["default"], limit=1, lease=30,
+            )
+        if claimed:
+            return claimed[0]
+        time.sleep(0.001)
+    raise AssertionError("the series' next job never fell due")
 
 
 def test_a_series_continues_run_after_run_on_one_connection(engine_pg):
@@ -129,14 +146,10 @@ def test_a_series_continues_run_after_run_on_one_connection(engine_pg):
 
     with engine_pg.connect() as conn:
         for _ in range(25):
-            with conn.begin():
-                (job,) = claim.claim_any_jobs(
-                    conn, node="runner", token=uuid.uuid4().hex, tasks=["report"],
-                    queues=["default"], limit=1, lease=30,
-                )
+            job = _claim_when_due(conn)
             with conn.begin():
                 assert record(conn, job, Outcome(SUCCEEDED))
                 scheduler.ensure_series(conn, _periodic(0.001))
 
     states = [state for _, state, _ in _series(engine_pg)]
-    assert states == ["succeeded"] * 25 + ["queued"]
+    assert states == ["succeeded"] * 25 + ["scheduled"]

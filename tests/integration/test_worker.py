@@ -80,7 +80,8 @@ def test_four_workers_run_every_job_exactly_once(database_url, engine, start_wor
     wait_for(
         lambda: sql(
             engine,
-            "SELECT count(*) FROM dbtasks_jobs WHERE state IN ('queued', 'running')",
+            "SELECT count(*) FROM dbtasks_jobs "
+            "WHERE state IN ('scheduled', 'queued', 'running')",
         )
         == [(0,)],
         timeout=120,
