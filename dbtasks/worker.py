@@ -156,8 +156,10 @@ class Worker:
         self._hot: Any = None  # a DBAPI connection of the pool's, detached
         self._hot_statements: dict[int, RawStatement] = {}
         self._idle = False  # as last written to the node's row
+        self._drained = False  # the last claim found fewer jobs than free slots
+        self._next_poll = 0.0
         self._next_full_claim = 0.0
-        self._next_due: float | None = None
+        self._next_due: float | None = None  # monotonic time, once drained
         self._next_maintenance = 0.0
         self._next_rescue = 0.0
         self._next_housekeeping = 0.0
@@ -325,28 +327,36 @@ class Worker:
         self._enforce_timeouts()
         self._retire_if_stuck()
 
+        woken = self._wake.is_set()  # a run ended, a job was enqueued, a stop
         self._wake.clear()
         self._collect_ended()
         free = 0 if self._stopping.is_set() else self._free_slots()
+        # An idle worker that woke only for its maintenance does not claim:
+        # nothing new can be due before its next poll.
+        look = woken or not self._drained or time.monotonic() >= self._next_poll
         claimed: list[ClaimedJob] = []
-        if self._unrecorded or free:
+        if self._unrecorded or (free and look):
             claimed = self._record_and_claim(free)
             for job in claimed:
                 self._start_job(job)
-
-        # After the jobs started, so that none waits for the bookkeeping.
-        idle = len(claimed) < free
-        self._note_idleness(idle)
+            if claimed:
+                time.sleep(0)  # let the runs start before the bookkeeping below
+            self._drained = len(claimed) < free
+            self._note_idleness(self._drained)
+            self._next_poll = time.monotonic() + self._idle_poll
+            if self._drained and self._next_due is not None:
+                self._next_poll = min(self._next_poll, self._next_due)
         self._maintain_if_due()
-        if not free or idle:
-            self._wait(self._seconds_to_next_due() if idle else self._idle_poll)
+        if free and not self._drained:
+            return  # every free slot was filled: more may be due
+        self._wait()
 
-    def _wait(self, timeout: float) -> None:
-        """Sleep until a run ends, a job is enqueued (NOTIFY), `timeout`, or the
-        next rescue or maintenance pass is due."""
+    def _wait(self) -> None:
+        """Sleep until a run ends, a job is enqueued (NOTIFY), the next poll, or
+        the next rescue or maintenance pass."""
         duty = min(self._next_rescue if self._lifeline else math.inf,
-                   self._next_maintenance) - time.monotonic()
-        self._wake.wait(max(min(timeout, duty), 0.005))
+                   self._next_maintenance)
+        self._wake.wait(max(min(self._next_poll, duty) - time.monotonic(), 0.005))
 
     def _held_tokens(self) -> list[str]:
         """The lease tokens of every job this worker holds (for the heartbeat).
@@ -482,15 +492,15 @@ class Worker:
         """Learn when the next job falls due, and say in the node's row whether
         it waits for work (written only when that changes, and only where a
         NOTIFY can wake it)."""
-        # The next due time only matters once nothing runs: a run that ends
-        # wakes the loop anyway.
-        learn_next_due = idle and not self._running
-        if not learn_next_due and idle == self._idle:
-            return
+        if not idle:
+            self._next_due = None
+            if idle == self._idle:
+                return
         # Two independent statements: on PostgreSQL each commits on its own.
         engine = self._autocommit or self.engine
         with engine.begin() as conn:
-            self._next_due = self._next_due_in(conn) if learn_next_due else None
+            due_in = self._next_due_in(conn) if idle else None
+            self._next_due = None if due_in is None else time.monotonic() + due_in
             if self._lifeline is not None and idle != self._idle:
                 conn.execute(
                     queries.set_node_idle, {"node_name": self.node, "idle": idle}
@@ -577,11 +587,6 @@ class Worker:
         the poll is only a safety net for a notification lost in a reconnect."""
         listening = self._lifeline is not None
         return self.config.poll_interval * (LISTENING_POLL_FACTOR if listening else 1)
-
-    def _seconds_to_next_due(self) -> float:
-        if self._next_due is None:
-            return self._idle_poll
-        return min(self._idle_poll, self._next_due)
 
 
     # --- maintenance -----------------------------------------------------------

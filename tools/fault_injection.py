@@ -1,7 +1,7 @@
 """Fault injection: run workers against PostgreSQL, break things, count what was lost.
 
-    python tools/fault_injection.py --duration 60            # short run, as CI does
-    python tools/fault_injection.py --duration 600 --rate 40  # the long run
+    python tools/fault_injection.py --duration 45             # the test suite's run
+    python tools/fault_injection.py --duration 600 --rate 30  # the long run
 
 Several `dbtasks worker` processes run the tasks of tools/fault_tasks while
 a producer enqueues `any` and `all` jobs and a periodic task ticks every
@@ -52,6 +52,7 @@ from dbtasks import enqueue  # noqa: E402
 from dbtasks.config import config_from_env  # noqa: E402
 from dbtasks.database import create_queue_engine  # noqa: E402
 from dbtasks.migrate import upgrade  # noqa: E402
+from dbtasks.queries import LIFELINE_GRACE  # noqa: E402
 
 TASKS = ROOT / "tools" / "fault_tasks"
 
@@ -374,19 +375,25 @@ def figures(run: Run, quiet_from: datetime) -> tuple[list[tuple[str, object]],
             "GROUP BY job_id, kind, CASE WHEN kind = 'all' THEN node END "
             "HAVING count(*) > 1"
         ).fetchall()
-        rescue_times = [
-            row[0]
-            for row in conn.execute(
-                "SELECT extract(epoch FROM min(later.at) - f.at) FROM fi_faults f "
-                "JOIN fi_executions e ON e.node = f.node AND e.at < f.at "
-                "AND e.kind IN ('any', 'tick') "
-                "JOIN fi_executions later ON later.job_id = e.job_id "
-                "AND later.at > f.at "
-                "WHERE f.kind = 'kill' AND NOT EXISTS (SELECT 1 FROM fi_effects x "
-                "WHERE x.job_id = e.job_id AND x.node = e.node) "
-                "GROUP BY f.id, e.job_id, f.at"
-            )
-        ]
+        # From each kill to the next run of each job the killed worker was
+        # running; and whether the server had restarted in the seconds before
+        # (the lifeline rescue then waits out LIFELINE_GRACE, the lease rules).
+        rescues = conn.execute(
+            "SELECT extract(epoch FROM min(later.at) - f.at), EXISTS (SELECT 1 "
+            "FROM fi_faults r WHERE r.kind = 'restart' AND r.ended > f.at - "
+            "make_interval(secs => %s) AND r.at < f.at) FROM fi_faults f "
+            "JOIN fi_executions e ON e.node = f.node AND e.at < f.at "
+            "AND e.kind IN ('any', 'tick') "
+            "JOIN fi_executions later ON later.job_id = e.job_id "
+            "AND later.at > f.at "
+            "WHERE f.kind = 'kill' AND NOT EXISTS (SELECT 1 FROM fi_effects x "
+            "WHERE x.job_id = e.job_id AND x.node = e.node) "
+            "GROUP BY f.id, e.job_id, f.at",
+            (LIFELINE_GRACE,),
+        ).fetchall()
+        rescue_times = [float(seconds) for seconds, _ in rescues]
+        lifeline_times = [float(seconds) for seconds, restarted in rescues
+                          if not restarted]
 
     explained = _explained_jobs(run)
     extra_runs = sum(row[2] for row in extra)
@@ -406,6 +413,8 @@ def figures(run: Run, quiet_from: datetime) -> tuple[list[tuple[str, object]],
          round(statistics.median(rescue_times), 2) if rescue_times else "-"),
         ("kill rescue time max (s)",
          round(max(rescue_times), 2) if rescue_times else "-"),
+        ("  of kills not just after a server restart",
+         round(max(lifeline_times), 2) if lifeline_times else "-"),
     ]
     must_be_zero = [
         ("jobs lost (any)", lost_any),

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import signal
 from dataclasses import replace
+from datetime import datetime, timedelta, timezone
 
-from sqlalchemy import select
+from sqlalchemy import select, text
 
 from dbtasks import enqueue, lease
 from dbtasks.claim import ClaimedJob
@@ -147,6 +148,33 @@ def test_a_rescued_job_keeps_its_place_ahead_of_later_jobs(
     order = sql(engine, "SELECT job_id FROM test_runs WHERE node = 'rescuer' "
                 "AND event IN ('start', 'run') ORDER BY id")
     assert [job_id for (job_id,) in order] == [first, *later]
+
+
+def test_a_claim_whose_reply_was_lost_expires_and_runs_again(
+    database_url, engine, start_worker
+):
+    """A claim can commit while its reply never reaches the worker (the
+    connection drops at that moment): the job is the worker's in the table,
+    under a token it never learnt. Its heartbeat must not renew that lease."""
+    worker = start_worker(database_url, "--node", "holder", "--lease", "2")
+    # A job the worker does hold, so that its heartbeat renews leases meanwhile.
+    with engine.begin() as conn:
+        held = enqueue(conn, basic.record, {"sleep": 20})
+    wait_for_event(engine, held, "holder", 1)
+    with engine.begin() as conn:
+        job_id = enqueue(conn, faults.tick)
+        conn.execute(
+            text("UPDATE dbtasks_jobs SET state = 'running', attempt = 1, "
+                 "lease_owner = 'holder', lease_token = 'never-learnt', "
+                 "lease_expires_at = :soon WHERE id = :id"),
+            {"soon": datetime.now(timezone.utc) + timedelta(seconds=2), "id": job_id},
+        )
+
+    wait_for_state(engine, job_id, "succeeded", timeout=15)
+
+    assert job_row(engine, held).state == "running"  # renewed all along
+    assert run_events(engine, job_id) == [("holder", 2, "run")]
+    worker.wait_for_output(f"rescued job {job_id} (tick) from node holder")
 
 
 def test_a_job_that_keeps_killing_its_worker_ends_failed(
