@@ -981,6 +981,9 @@ def promote_scheduled_jobs(dialect: str) -> Update:
     )
 
 
+PRUNE_BATCH = 1000
+"""Jobs deleted per pruning transaction, so that none holds many locks."""
+
 _old = jobs.alias("old")
 prune_jobs: Delete = delete(jobs).where(
     jobs.c.id.in_(
@@ -989,7 +992,14 @@ prune_jobs: Delete = delete(jobs).where(
             in_state(_old.c.state, *FINISHED),
             _old.c.finished_at < seconds_from_now(-bindparam("retention")),
         )
-        .limit(bindparam("limit"))
+        # Oldest first, and a literal batch size: a generic plan cannot see
+        # the cutoff and, with a parameter for a limit, guesses that a third
+        # of the table qualifies, so it would scan the whole table (every
+        # housekeeping pass, however little is old enough) where the
+        # finished index finds the few rows past the cutoff at once.
+        .order_by(_old.c.finished_at)
+        .limit(literal_column(str(PRUNE_BATCH)))
+        .with_for_update(skip_locked=True)
         .scalar_subquery()
     )
 )

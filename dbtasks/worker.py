@@ -72,6 +72,10 @@ logger = logging.getLogger(__name__)
 #: Seconds between maintenance passes that retire schedules and prune history.
 HOUSEKEEPING_INTERVAL = 60.0
 
+#: Seconds a housekeeping pass may spend pruning before it leaves the rest,
+#: if any, to a pass soon after.
+PRUNE_TIME_BUDGET = 0.25
+
 #: Seconds between rescues of jobs whose worker is known dead (PostgreSQL).
 RESCUE_INTERVAL = 1.0
 
@@ -628,10 +632,24 @@ class Worker:
             scheduler.retire_orphaned_schedules(conn, self.config.node_timeout)
         if not self.config.retention:
             return
-        values = {"retention": self.config.retention, "limit": 1000}
+        values = {"retention": self.config.retention}
         with self.engine.begin() as conn:
-            pruned = conn.execute(queries.prune_jobs, values).rowcount
             conn.execute(queries.prune_nodes, values)
+        # Batch after batch, each its own transaction, for a bounded time: a
+        # busy queue finishes far more than one batch a minute, and pruning
+        # must keep up without holding up this loop's claims for long. What is
+        # left is pruned by the next pass, soon.
+        pruned = 0
+        deadline = time.monotonic() + PRUNE_TIME_BUDGET
+        while True:
+            with self.engine.begin() as conn:
+                batch = conn.execute(queries.prune_jobs, values).rowcount
+            pruned += batch
+            if batch < queries.PRUNE_BATCH:
+                break
+            if time.monotonic() >= deadline:
+                self._next_housekeeping = time.monotonic() + PRUNE_TIME_BUDGET * 4
+                break
         if pruned:
             logger.info(
                 "pruned %d finished jobs older than the retention period",

@@ -11,6 +11,7 @@ from sqlalchemy import select
 
 from dbtasks import enqueue
 from dbtasks.clock import utcnow
+from dbtasks.schema import completions, jobs
 from tests.app_tasks import basic, faults
 from tests.conftest import PERIODIC_TASKS, sql, wait_for
 from tests.runs import runs
@@ -325,3 +326,59 @@ def test_a_node_name_is_taken_over_once_its_holder_is_dead(
         (second.process.pid, None)
     ]
 
+
+
+# --- retention --------------------------------------------------------------
+
+
+def test_finished_jobs_past_retention_are_pruned_and_nothing_else(
+    database_url, engine, start_worker
+):
+    """More old jobs than one pruning batch, of every finished state, with an
+    `all` job's completions; beside them a recent finished job and an old
+    open one, which must stay."""
+    old = db_now(engine, minus=7200)
+    recent = db_now(engine, minus=60)
+    old_states = ["succeeded", "failed", "cancelled"] * 1000
+    with engine.begin() as conn:
+        conn.execute(
+            jobs.insert(),
+            [
+                {"task": "noop", "state": state, "run_at": old, "attempt": 1,
+                 "max_attempts": 1, "created_at": old, "finished_at": old}
+                for state in old_states
+            ],
+        )
+        broadcast_id = conn.execute(
+            jobs.insert().returning(jobs.c.id),
+            {"task": "broadcast", "state": "succeeded", "run_at": old,
+             "attempt": 1, "max_attempts": 1, "created_at": old, "finished_at": old},
+        ).scalar_one()
+        conn.execute(
+            completions.insert(),
+            [{"job_id": broadcast_id, "node": node, "state": "succeeded",
+              "run_at": old, "finished_at": old} for node in ("a", "b")],
+        )
+        kept_finished = conn.execute(
+            jobs.insert().returning(jobs.c.id),
+            {"task": "noop", "state": "succeeded", "run_at": recent, "attempt": 1,
+             "max_attempts": 1, "created_at": recent, "finished_at": recent},
+        ).scalar_one()
+    with engine.begin() as conn:
+        # Queued since long ago, for a task no worker here knows: never run,
+        # never finished, so never pruned.
+        kept_open = enqueue(conn, "not_deployed_yet", not_yet_deployed=True)
+        conn.execute(jobs.update().where(jobs.c.id == kept_open).values(run_at=old))
+
+    start_worker(database_url, "--retention", "3600")
+
+    wait_for(
+        lambda: sql(engine, "SELECT count(*) FROM dbtasks_jobs") == [(2,)],
+        timeout=30,
+        message="the old finished jobs to be pruned",
+    )
+    assert sql(engine, "SELECT id, state FROM dbtasks_jobs ORDER BY id") == [
+        (kept_finished, "succeeded"),
+        (kept_open, "queued"),
+    ]
+    assert sql(engine, "SELECT count(*) FROM dbtasks_completions") == [(0,)]
