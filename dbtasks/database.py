@@ -15,7 +15,7 @@ from typing import Any
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.pool import NullPool
+from sqlalchemy.pool import QueuePool
 
 from dbtasks.config import Config
 from dbtasks.errors import ConfigError
@@ -88,7 +88,7 @@ def create_queue_engine(config: Config, pool_size: int = 5) -> Engine:
     """Create the engine a worker or a command uses for its own statements."""
     url = config.database_url
     if config.dialect == "sqlite":
-        engine = _create_sqlite_engine(url)
+        engine = _create_sqlite_engine(url, pool_size)
     else:
         engine = _create_postgresql_engine(url, pool_size)
     if config.schema:
@@ -104,7 +104,7 @@ def check_sqlite_version() -> None:
         )
 
 
-def _create_sqlite_engine(url: URL) -> Engine:
+def _create_sqlite_engine(url: URL, pool_size: int) -> Engine:
     check_sqlite_version()
     database = url.database or ""
     if database in ("", ":memory:") or database.startswith("file:"):
@@ -119,9 +119,10 @@ def _create_sqlite_engine(url: URL) -> Engine:
             f"({folder}); create it or point --database-url elsewhere"
         )
 
-    # NullPool: SQLite connections are cheap, and a pooled one would keep a
-    # file handle (and WAL snapshot) open between our short transactions.
-    engine = create_engine(url, poolclass=NullPool)
+    # Pooled: opening a connection and setting its pragmas costs more than
+    # a worker's whole claim. A pooled connection holds no lock or WAL
+    # snapshot between transactions (autocommit mode, BEGIN IMMEDIATE below).
+    engine = create_engine(url, poolclass=QueuePool, pool_size=pool_size)
     event.listen(engine, "connect", _configure_sqlite_connection)
     event.listen(engine, "begin", _begin_immediate)
     return engine
