@@ -96,7 +96,8 @@ def worker(config: Config, queues: str, node_timeout: float | None,
     def build() -> Config:
         return config.replace(
             queues=tuple(q.strip() for q in queues.split(",")),
-            node_timeout=node_timeout or options["lease_seconds"],
+            node_timeout=(options["lease_seconds"] if node_timeout is None
+                          else node_timeout),
             **options,
         )
 

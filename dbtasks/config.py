@@ -7,6 +7,7 @@ from the CLI's options, which read the `DBTASKS_*` environment variables.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -66,6 +67,10 @@ def safe_url(url: URL) -> str:
     return url.render_as_string(hide_password=True)
 
 
+#: The worker's command-line flags whose names differ from Config's fields.
+_FLAGS = {"lease_seconds": "lease"}
+
+
 @dataclass(frozen=True)
 class Config:
     """Validated settings shared by every command.
@@ -106,17 +111,23 @@ class Config:
             )
         if not self.queues or not all(self.queues):
             raise ConfigError("name at least one queue, and no empty queue names")
-        self._check_positive("poll_interval", "lease_seconds", "node_timeout")
-        if self.shutdown_grace < 0 or self.retention < 0:
-            raise ConfigError("shutdown_grace and retention cannot be negative")
+        self._check_at_least(0.01, "poll_interval")
+        # Leases and heartbeats are renewed every third of these: below a
+        # second a worker would spend itself renewing them.
+        self._check_at_least(1.0, "lease_seconds", "node_timeout")
+        self._check_at_least(0.0, "shutdown_grace", "retention")
         if self.node_name is not None and not 1 <= len(self.node_name) <= 200:
             raise ConfigError("a node name must be 1 to 200 characters long")
 
-    def _check_positive(self, *names: str) -> None:
+    def _check_at_least(self, least: float, *names: str) -> None:
         for name in names:
             value = getattr(self, name)
-            if not value > 0:
-                raise ConfigError(f"{name} must be more than 0 seconds, got {value}")
+            if not (value >= least and math.isfinite(value)):  # NaN fails both
+                flag = "--" + _FLAGS.get(name, name).replace("_", "-")
+                raise ConfigError(
+                    f"{name} ({flag}) must be a finite number of seconds, at "
+                    f"least {least:g}; got {value}"
+                )
 
     @property
     def dialect(self) -> str:

@@ -411,6 +411,32 @@ def test_an_out_of_range_priority_from_the_cli_writes_nothing(pg_url, engine_pg)
     assert count_jobs(engine_pg) == 0
 
 
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("--lease", "0.001", "lease_seconds (--lease) must be a finite number of "
+         "seconds, at least 1; got 0.001"),
+        ("--node-timeout", "0", "node_timeout (--node-timeout) must be a finite "
+         "number of seconds, at least 1; got 0.0"),
+        ("--poll-interval", "nan", "poll_interval (--poll-interval) must be a "
+         "finite number of seconds, at least 0.01; got nan"),
+        ("--shutdown-grace", "inf", "shutdown_grace (--shutdown-grace) must be a "
+         "finite number of seconds, at least 0; got inf"),
+        ("--retention", "-1", "retention (--retention) must be a finite number of "
+         "seconds, at least 0; got -1.0"),
+    ],
+)
+def test_a_worker_refuses_timings_it_cannot_keep(sqlite_url, option, value,
+                                                 message):
+    """A lease of a millisecond would have the worker renew it without rest;
+    a NaN or infinite one would never expire. Refused before any work."""
+    result = cli("worker", option, value, database_url=sqlite_url)
+
+    assert error_line(result.returncode, result.stdout, result.stderr) == (
+        f"error: {message}"
+    )
+
+
 def test_a_worker_on_an_unreachable_server_exits_with_one_line():
     url = "postgresql://postgres:never-shown-pw@127.0.0.1:1/app"
 
@@ -591,6 +617,8 @@ CATALOGUE: list[tuple[str, list[str]]] = [
     ("an application transaction on SQLite left open while workers run", [
         "test_bad_inputs::test_an_open_application_transaction_on_sqlite_blocks_"
         "workers_but_loses_nothing"]),
+    ("worker timings too short, negative, NaN or infinite", [
+        "test_bad_inputs::test_a_worker_refuses_timings_it_cannot_keep"]),
     ("a job whose stored params are not valid JSON", [
         "test_security::test_hostile_rows_in_the_jobs_table_run_nothing_outside_"
         "the_registry",
