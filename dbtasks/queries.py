@@ -247,27 +247,37 @@ def register_node(dialect: str) -> Insert:
     )
 
 
-take_over_node: Update = (
-    update(nodes)
-    .where(
-        nodes.c.name == bindparam("node_name"),
-        or_(
-            nodes.c.stopped_at.is_not(None),
-            nodes.c.heartbeat_at <= seconds_from_now(-bindparam("node_timeout")),
-        ),
+def _take_over_node(*condition: Any) -> Update:
+    return (
+        update(nodes)
+        .where(nodes.c.name == bindparam("node_name"), *condition)
+        .values(
+            hostname=bindparam("hostname"),
+            pid=bindparam("pid"),
+            tasks=bindparam("tasks"),
+            queues=bindparam("queues"),
+            lifeline_key=bindparam("lifeline_key"),
+            registered_at=utcnow(),
+            heartbeat_at=utcnow(),
+            stopped_at=None,
+        )
     )
-    .values(
-        hostname=bindparam("hostname"),
-        pid=bindparam("pid"),
-        tasks=bindparam("tasks"),
-        queues=bindparam("queues"),
-        lifeline_key=bindparam("lifeline_key"),
-        registered_at=utcnow(),
-        heartbeat_at=utcnow(),
-        stopped_at=None,
+
+
+take_over_node = _take_over_node(
+    or_(
+        nodes.c.stopped_at.is_not(None),
+        nodes.c.heartbeat_at <= seconds_from_now(-bindparam("node_timeout")),
     )
 )
 """Reuse the row of a dead or stopped node of the same name; row count decides."""
+
+take_over_node_of_gone_process = _take_over_node(
+    nodes.c.hostname == bindparam("holder_hostname"),
+    nodes.c.pid == bindparam("holder_pid"),
+)
+"""Reuse the row of a node whose process this host knows has ended, before
+its heartbeat expires; unless another worker took the row meanwhile."""
 
 node_holder: Select[Any] = select(nodes.c.hostname, nodes.c.pid).where(
     nodes.c.name == bindparam("node_name")

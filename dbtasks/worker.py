@@ -258,12 +258,21 @@ class Worker:
         }
         if conn.execute(queries.register_node(conn.dialect.name), values).first():
             return
-        if conn.execute(queries.take_over_node, values).rowcount:
+        taken = conn.execute(queries.take_over_node, values).rowcount
+        holder = conn.execute(queries.node_holder, {"node_name": self.node}).first()
+        if not taken and holder and _process_gone(holder.hostname, holder.pid):
+            # A worker restarted in place (by systemd, say) after a crash: its
+            # heartbeat has not expired yet, but this host knows it has ended.
+            taken = conn.execute(
+                queries.take_over_node_of_gone_process,
+                {**values, "holder_hostname": holder.hostname,
+                 "holder_pid": holder.pid},
+            ).rowcount
+        if taken:
             # The name's last holder is dead: its jobs carry this name as owner
             # and would otherwise have their leases renewed by us.
             lease.rescue_jobs_of_node(conn, self.node)
             return
-        holder = conn.execute(queries.node_holder, {"node_name": self.node}).first()
         where = f"pid {holder.pid} on {holder.hostname}" if holder else "another worker"
         raise ConfigError(
             f"node name {self.node!r} is in use by a live worker ({where}); give "
@@ -919,3 +928,24 @@ class Worker:
 
 def _last_line(error: str | None) -> str:
     return (error or "").rstrip().rsplit("\n", 1)[-1]
+
+
+def _process_gone(hostname: str, pid: int) -> bool:
+    """Whether the process `pid` on `hostname` has certainly ended.
+
+    Only this host can tell, and only for its own processes. Our own pid
+    counts as ended: a restarted container may hand the new worker the pid of
+    the old one. A pid the system has reused for another process counts as
+    alive, the safe side: the name then waits for the heartbeat to expire.
+    """
+    if hostname != socket.gethostname():
+        return False
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # alive, under another user
+    return False

@@ -328,6 +328,30 @@ def test_a_node_name_is_taken_over_once_its_holder_is_dead(
 
 
 
+
+def test_a_worker_restarted_in_place_after_a_crash_takes_its_name_at_once(
+    database_url, engine, start_worker
+):
+    """As systemd restarts a crashed worker: same name, same host, at once,
+    long before the dead one's heartbeat (a 60-second lease) expires."""
+    first = start_worker(database_url, "--node", "fixed", "--lease", "60")
+    with engine.begin() as conn:
+        job_id = enqueue(conn, basic.record, {"sleep": 1})
+    wait_for(lambda: run_events(engine, job_id), message="the first run to start")
+    first.kill()
+
+    second = start_worker(database_url, "--node", "fixed", "--lease", "60")
+    wait_for_state(engine, job_id, "succeeded", timeout=15)
+
+    assert run_events(engine, job_id) == [
+        ("fixed", 1, "start"),
+        ("fixed", 2, "start"),
+        ("fixed", 2, "end"),
+    ]
+    assert sql(engine, "SELECT pid, stopped_at FROM dbtasks_nodes") == [
+        (second.process.pid, None)
+    ]
+
 # --- retention --------------------------------------------------------------
 
 
