@@ -8,7 +8,9 @@ enqueue, before anything is written, with the path to the bad value:
 - NaN and Infinity (not JSON), tuples (they come back as lists), sets, bytes,
   datetimes, Decimals and other objects (no exact JSON form; convert them, for
   example `when.isoformat()` or `str(amount)`, and convert back in the task);
-- dict keys that are not strings (JSON turns them into strings).
+- dict keys that are not strings (JSON turns them into strings);
+- integers of more than about 4,200 digits (Python's default limit on turning
+  them into text and back; pass them as strings).
 
 Strings are stored with non-ASCII and control characters escaped, so NUL and
 lone surrogates come back too, on PostgreSQL as on SQLite.
@@ -28,6 +30,11 @@ MAX_PARAMS_BYTES = 1024 * 1024
 #: Deepest nesting of dicts and lists accepted (far below Python's recursion
 #: limit, which the check and the JSON codec would otherwise hit).
 MAX_PARAMS_DEPTH = 100
+
+#: Largest integer accepted, in bits: about 4,200 decimal digits, below the
+#: 4,300 that Python converts to and from text by default
+#: (sys.set_int_max_str_digits), so that every worker can read it back.
+MAX_INT_BITS = 14_000
 
 _encoder = json.JSONEncoder(allow_nan=False, separators=(",", ":"))
 _decoder = json.JSONDecoder()
@@ -73,7 +80,14 @@ def _check(value: Any, depth: int) -> None:
     # bool is an int subclass and fine; exact type checks keep out subclasses
     # (IntEnum, str subclasses) whose JSON form would not come back as given.
     kind = type(value)
-    if kind is str or kind is int or kind is bool or value is None:
+    if kind is str or kind is bool or value is None:
+        return
+    if kind is int:
+        if value.bit_length() > MAX_INT_BITS:
+            raise _Unfit(
+                f" is an integer of {value.bit_length():,} bits, more than Python "
+                "turns into text by default; pass it as a string"
+            )
         return
     if kind is float:
         if not math.isfinite(value):

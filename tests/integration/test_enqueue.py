@@ -447,6 +447,7 @@ REFUSED_PARAMS = [
     ({1: "one"}, "has the key 1 of type int"),
     ({"x": "a" * (1024 * 1024)}, "over the limit of 1,048,576"),
     (object(), "params may hold only dicts with str keys"),
+    ({"x": 10**5000}, "params['x'] is an integer of 16,610 bits"),
 ]
 
 
@@ -454,7 +455,7 @@ REFUSED_PARAMS = [
     "params, message",
     REFUSED_PARAMS,
     ids=["nan", "inf", "-inf", "datetime", "decimal", "bytes", "set", "tuple",
-         "int-key", "oversized", "object"],
+         "int-key", "oversized", "object", "huge-int"],
 )
 def test_unfit_params_are_refused_before_anything_is_written(
     app, engine, params, message

@@ -10,7 +10,12 @@ from decimal import Decimal
 import pytest
 
 from dbtasks import DbtasksError, InvalidParams, JobError
-from dbtasks.params import MAX_PARAMS_BYTES, decode_params, encode_params
+from dbtasks.params import (
+    MAX_INT_BITS,
+    MAX_PARAMS_BYTES,
+    decode_params,
+    encode_params,
+)
 
 
 class Colour(enum.IntEnum):
@@ -149,3 +154,12 @@ def test_too_deeply_nested_params_are_refused_clearly():
 
 def test_decode_reads_what_json_wrote():
     assert decode_params(json.dumps({"a": [1, "b"]})) == {"a": [1, "b"]}
+
+
+def test_integers_up_to_the_bound_come_back_and_one_bit_more_is_refused():
+    largest = (1 << MAX_INT_BITS) - 1
+    assert decode_params(encode_params({"n": largest})) == {"n": largest}
+    assert decode_params(encode_params({"n": -largest})) == {"n": -largest}
+    with pytest.raises(InvalidParams, match=r"params\['n'\] is an integer of "
+                       r"14,001 bits.*pass it as a string"):
+        encode_params({"n": 1 << MAX_INT_BITS})
