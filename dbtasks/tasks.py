@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, overload
 
 from dbtasks.errors import ConfigError, DuplicateTask, TaskError, TaskNotFound
 
@@ -104,8 +104,24 @@ class Task:
         return run_inline(self, params, context=context)
 
 
+@overload
+def task(name: Callable[..., Any], /) -> Task: ...
+@overload
 def task(
     name: str | None = None,
+    *,
+    description: str | None = None,
+    scope: str = "any",
+    frequency: float | timedelta = 0,
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+    timeout: float | timedelta | None = DEFAULT_TIMEOUT,
+    queue: str = "default",
+    priority: int = 0,
+) -> Callable[[Callable[..., Any]], Task]: ...
+
+
+def task(
+    name: Any = None,
     *,
     description: str | None = None,
     scope: str = "any",
@@ -121,12 +137,16 @@ def task(
     of its docstring. `frequency` (seconds or a timedelta) makes the task
     periodic; 0 runs it only when enqueued. `timeout` (seconds, or None for no
     limit) stops a run that takes too long and counts it as a failed attempt.
+    A bare `@task` declares the function with every default.
     """
+    if callable(name):
+        return task()(name)
 
     def decorate(fn: Callable[..., Any]) -> Task:
         where = _where(fn)
         if not callable(fn):
             raise TaskError(f"{where}: @task must decorate a function, not {fn!r}")
+        _check_signature(fn, where)
         declared = Task(
             name=_check_name(name if name is not None else fn.__name__, where),
             fn=fn,
@@ -144,6 +164,23 @@ def task(
         return declared
 
     return decorate
+
+
+def _check_signature(fn: Callable[..., Any], where: str) -> None:
+    """Refuse at load time a function that could not take (params, context),
+    rather than fail every attempt of every job of it."""
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return  # no signature to read (some builtins): let the run tell
+    try:
+        signature.bind(None, None)
+    except TypeError:
+        raise TaskError(
+            f"{where}: a task function is called with two arguments, (params, "
+            f"context), but {getattr(fn, '__name__', fn)}{signature} cannot take "
+            "them; add the missing parameters"
+        ) from None
 
 
 def _where(fn: Any) -> str:

@@ -617,6 +617,9 @@ CATALOGUE: list[tuple[str, list[str]]] = [
     ("an application transaction on SQLite left open while workers run", [
         "test_bad_inputs::test_an_open_application_transaction_on_sqlite_blocks_"
         "workers_but_loses_nothing"]),
+    ("a task function that cannot take (params, context)", [
+        "test_tasks::test_a_function_that_cannot_take_params_and_context_is_"
+        "refused"]),
     ("worker timings too short, negative, NaN or infinite", [
         "test_bad_inputs::test_a_worker_refuses_timings_it_cannot_keep"]),
     ("a job whose stored params are not valid JSON", [

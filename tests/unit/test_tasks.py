@@ -24,7 +24,7 @@ from dbtasks import (
     run_inline,
     task,
 )
-from dbtasks.tasks import DEFAULT_TIMEOUT
+from dbtasks.tasks import DEFAULT_TIMEOUT, Task
 
 
 @pytest.fixture
@@ -135,6 +135,39 @@ def test_bad_settings_are_refused_where_the_function_is(settings, message):
     assert message in str(refused.value)
     assert str(refused.value).startswith(f"{__file__}:")
 
+
+
+def test_a_bare_decorator_declares_the_task_with_every_default():
+    @task
+    def unit_bare(params, context):
+        """Runs with the defaults."""
+
+    assert isinstance(unit_bare, Task)
+    assert (unit_bare.name, unit_bare.description, unit_bare.scope,
+            unit_bare.frequency, unit_bare.timeout) == (
+        "unit_bare", "Runs with the defaults.", "any", 0.0, DEFAULT_TIMEOUT)
+
+
+@pytest.mark.parametrize(
+    "fn",
+    [lambda: None, lambda params: None, lambda params, context, extra: None],
+    ids=["no-arguments", "one-argument", "a-required-third"],
+)
+def test_a_function_that_cannot_take_params_and_context_is_refused(fn):
+    with pytest.raises(TaskError) as refused:
+        task(name="unit_unfit")(fn)
+
+    assert str(refused.value).startswith(f"{__file__}:")
+    assert "is called with two arguments, (params, context)" in str(refused.value)
+    assert "add the missing parameters" in str(refused.value)
+
+
+def test_extra_parameters_with_defaults_are_fine():
+    @task(name="unit_roomy")
+    def roomy(params, context=None, *rest, verbose=False, **more):
+        pass
+
+    assert roomy.name == "unit_roomy"
 
 # --- the registry --------------------------------------------------------------
 
