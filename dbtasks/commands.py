@@ -87,7 +87,12 @@ def list_tasks(config: Config) -> Registry:
 def database_error(config: Config, exc: DBAPIError) -> DatabaseError:
     """Say what failed without the SQL, and never with the password."""
     reason = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
-    password = config.database_url.password
-    if password:
-        reason = reason.replace(str(password), "***")
+    url = config.database_url
+    secrets = [url.password] + [
+        value for key, value in url.query.items() if "password" in key.lower()
+    ]
+    for secret in secrets:
+        for text in [secret] if isinstance(secret, str) else secret or ():
+            if text:
+                reason = reason.replace(str(text), "***")
     return DatabaseError(f"database {safe_url(config.database_url)}: {reason}")

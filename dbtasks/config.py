@@ -41,10 +41,17 @@ def parse_database_url(raw: str) -> URL:
             "postgresql://user@host:5432/dbname or sqlite:///path/to/file.db"
         ) from None
 
+    if url.host and "@" in url.host:
+        raise ConfigError(
+            f"the database URL {_mask(raw)!r} has more than one '@' before its "
+            "host: percent-encode an '@' in the user name or password as %40"
+        )
     backend = url.get_backend_name()
     if backend in ("postgresql", "postgres"):
         return url.set(drivername="postgresql+psycopg")
     if backend == "sqlite":
+        if url.drivername == "sqlite+pysqlite":  # the same driver, named
+            url = url.set(drivername="sqlite")
         if url.drivername != "sqlite":
             raise ConfigError(
                 f"the SQLite driver {url.drivername!r} is not supported by the "
@@ -52,19 +59,26 @@ def parse_database_url(raw: str) -> URL:
             )
         return url
     raise ConfigError(
-        f"the database URL {url.render_as_string(hide_password=True)!r} names "
+        f"the database URL {safe_url(url)!r} names "
         f"{backend!r}; dbtasks supports postgresql:// and sqlite:/// URLs"
     )
 
 
 def _mask(raw: str) -> str:
-    """Hide what looks like a password in a URL that could not be parsed."""
-    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", raw)
+    """Hide what looks like a password in a URL that could not be parsed: all
+    between the user name and the last '@' of the authority, and the values of
+    query parameters that name one."""
+    masked = re.sub(r"(://[^:/@]*:)[^/]*@", r"\1***@", raw)
+    return _SECRET_QUERY.sub(r"\1***", masked)
+
+
+_SECRET_QUERY = re.compile(r"([?&][^=&]*password[^=&]*=)[^&]*", re.IGNORECASE)
 
 
 def safe_url(url: URL) -> str:
-    """The URL as it may appear in logs and errors: never with its password."""
-    return url.render_as_string(hide_password=True)
+    """The URL as it may appear in logs and errors: never with its password,
+    in its authority or in its query (`?password=...`, `?sslpassword=...`)."""
+    return _SECRET_QUERY.sub(r"\1***", url.render_as_string(hide_password=True))
 
 
 #: The worker's command-line flags whose names differ from Config's fields.

@@ -165,14 +165,21 @@ def test_run_runs_sync_and_async_tasks_inline(cli_tasks):
         ("mysql://app:s3cr3t-pw@localhost/app",
          "names 'mysql'; dbtasks supports postgresql:// and sqlite:/// URLs"),
         ("sqlite+aiosqlite:///queue.db", "the SQLite driver 'sqlite+aiosqlite'"),
+        ("postgresql://app@127.0.0.1:1/app?password=s3cr3t-pw&sslpassword=s3cr3t-pw",
+         "database postgresql+psycopg://app@127.0.0.1:1/app?password=***&"
+         "sslpassword=***: connection failed"),
+        ("postgresql://app:s3cr3t@pw@127.0.0.1/app",
+         "has more than one '@' before its host: percent-encode"),
     ],
-    ids=["bad-port", "garbage", "mysql", "async-sqlite"],
+    ids=["bad-port", "garbage", "mysql", "async-sqlite", "query-password",
+         "unescaped-at"],
 )
 def test_an_unusable_database_url(url, expected):
     result = cli("migrate", database_url=url)
 
     assert_clean_error(result, expected)
-    assert "s3cr3t-pw" not in result.stderr
+    assert "s3cr3t" not in result.stderr
+    assert "pw@" not in result.stderr
 
 
 def test_a_sqlite_file_in_a_missing_folder(tmp_path):
