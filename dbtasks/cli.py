@@ -19,13 +19,13 @@ import click
 
 from dbtasks import commands, logs
 from dbtasks.config import DEFAULT_DATABASE_URL, Config, config_from_env
-from dbtasks.errors import DbtasksError
+from dbtasks.errors import Cancel, DbtasksError, Retry
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--database-url",
-    envvar="DBTASKS_DATABASE_URL",
+    envvar="DBTASKS_DATABASE_URL", show_envvar=True,
     default=DEFAULT_DATABASE_URL,
     show_default=True,
     help="postgresql://user@host/db or sqlite:///file.db",
@@ -33,17 +33,17 @@ from dbtasks.errors import DbtasksError
 @click.option(
     "--tasks",
     "tasks_path",
-    envvar="DBTASKS_TASKS",
+    envvar="DBTASKS_TASKS", show_envvar=True,
     default="tasks",
     show_default=True,
     type=click.Path(path_type=Path),
     help="Folder of task modules.",
 )
-@click.option("--schema", envvar="DBTASKS_SCHEMA",
+@click.option("--schema", envvar="DBTASKS_SCHEMA", show_envvar=True,
               help="PostgreSQL schema for the tables.")
 @click.option(
     "--log-level",
-    envvar="DBTASKS_LOG_LEVEL",
+    envvar="DBTASKS_LOG_LEVEL", show_envvar=True,
     default="INFO",
     show_default=True,
     type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
@@ -67,12 +67,12 @@ def migrate(config: Config) -> None:
     _guard(lambda: commands.migrate(config))
 
 
-@main.command()
+@main.command(short_help="Run jobs until SIGTERM or SIGINT.")
 @click.option("--concurrency", "-c", type=int, default=10, show_default=True,
               help="Jobs run at once by this worker.")
 @click.option("--queues", "-q", default="default", show_default=True,
               help="Comma-separated queues to serve.")
-@click.option("--node", "node_name", envvar="DBTASKS_NODE",
+@click.option("--node", "node_name", envvar="DBTASKS_NODE", show_envvar=True,
               help="Node name (default: host:pid:random, unique per process).")
 @click.option("--poll-interval", type=float, default=1.0, show_default=True,
               help="Longest idle wait between claims, in seconds.")
@@ -92,7 +92,12 @@ def migrate(config: Config) -> None:
 @click.pass_obj
 def worker(config: Config, queues: str, node_timeout: float | None,
            **options: Any) -> None:
-    """Run jobs until SIGTERM or SIGINT (a second signal hands them back at once)."""
+    """Run jobs until SIGTERM or SIGINT (a second signal hands them back at once).
+
+    \b
+    The first signal stops claiming and gives running jobs --shutdown-grace
+    seconds to finish; unfinished ones go back to the queue.
+    """
     def build() -> Config:
         return config.replace(
             queues=tuple(q.strip() for q in queues.split(",")),
@@ -147,8 +152,17 @@ def enqueue(config: Config, task: str, params: str, run_at: str | None,
 @click.option("--params", default="{}", show_default=True, help="Params as JSON.")
 @click.pass_obj
 def run(config: Config, task: str, params: str) -> None:
-    """Run TASK inline, now, in this process, and print its result."""
-    result = _guard(lambda: commands.run(config, task, _parse_json(params)))
+    """Run TASK inline, now, in this process, and print its result.
+
+    A task that raises shows its traceback and exits 1; Cancel and Retry,
+    the outcomes a task chooses, are one line each.
+    """
+    try:
+        result = _guard(lambda: commands.run(config, task, _parse_json(params)))
+    except (Cancel, Retry) as outcome:
+        kind = "cancelled" if isinstance(outcome, Cancel) else "asked to be retried"
+        click.echo(f"task {task} {kind}: {outcome}", err=True)
+        sys.exit(1)
     click.echo(json.dumps(result, default=repr))
 
 

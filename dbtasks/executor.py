@@ -136,9 +136,7 @@ class Executor:
     # --- coroutines ----------------------------------------------------------------
 
     def _submit_coroutine(self, run: Run) -> None:
-        coroutine = asyncio.wait_for(
-            _contained(run.fn(run.params, run.context)), timeout=run.timeout
-        )
+        coroutine = _bounded(run)
         future = asyncio.run_coroutine_threadsafe(coroutine, self._event_loop())
         future.add_done_callback(lambda future: _settle(run, future))
 
@@ -172,24 +170,32 @@ def _settle(run: Run, future: Future[Any]) -> None:
         future.result()
     except _Escaped as escaped:
         run.done(escaped.error)
-    except BaseException as error:  # noqa: B036 - cancelled, timed out or failed
-        if _timed_out(error):
-            error = TimeoutError(f"the run passed its timeout of {run.timeout:g}s")
+    except BaseException as error:  # noqa: B036 - cancelled or failed
         run.done(error)
     else:
         run.done(None)
 
 
-def _timed_out(error: BaseException) -> bool:
-    """Whether wait_for cancelled the coroutine at its timeout (and not the
-    task's own code raising TimeoutError)."""
-    return isinstance(error, asyncio.TimeoutError) and isinstance(
-        error.__cause__, asyncio.CancelledError
-    )
+async def _bounded(run: Run) -> Any:
+    """Run the coroutine within its timeout, which ends in a TimeoutError that
+    says so (told apart here, inside the loop: the future that carries the
+    outcome to other threads replaces the error and loses its cause)."""
+    try:
+        return await asyncio.wait_for(
+            _contained(run.fn(run.params, run.context)), timeout=run.timeout
+        )
+    except asyncio.TimeoutError as error:
+        if not isinstance(error.__cause__, asyncio.CancelledError):
+            raise  # the task's own TimeoutError, a failure like any other
+        timeout = TimeoutError(
+            f"task {run.context.task} ran past its timeout of {run.timeout:g}s"
+        )
+        raise _Escaped(timeout) from None
 
 
 class _Escaped(Exception):
-    """Carries a task's SystemExit or KeyboardInterrupt out of the event loop.
+    """Carries an outcome out of the event loop as it is: a task's SystemExit or
+    KeyboardInterrupt, or its timeout.
 
     Raised as is inside a coroutine, those end `run_forever` and with it every
     async job of the worker; wrapped, they fail only their own job.

@@ -348,7 +348,8 @@ def _with_registered_defaults(conn: Connection, job: dict[str, Any]) -> dict[str
         raise TaskNotFound(
             f"no task named {job['task']!r} is loaded in this process or registered "
             "by any worker; check the name, import the module that defines it, or "
-            "pass not_yet_deployed=True if a worker with it is still to be deployed"
+            "pass not_yet_deployed=True (--not-yet-deployed from the shell) if a "
+            "worker with it is still to be deployed"
         )
     if not isinstance(registered, dict):
         registered = {}  # a registration without settings: dbtasks' defaults

@@ -46,6 +46,11 @@ def configure(level: str) -> None:
     atexit.register(flush)
     logging.basicConfig(level=level, handlers=[_InProcessQueueHandler(records, urgent)])
     logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
+    # The pool logs a traceback at ERROR when it cannot reset or close a
+    # connection the server already dropped. The worker says that once, in
+    # one line ("database unavailable ..."), and the pool replaces the
+    # connection; the traceback adds sixty lines and nothing to act on.
+    logging.getLogger("sqlalchemy.pool").setLevel(logging.CRITICAL)
 
 
 def flush() -> None:

@@ -299,9 +299,11 @@ def load_tasks(path: str | Path) -> Registry:
     """
     folder = Path(path).expanduser().resolve()
     if not folder.is_dir():
+        problem = "is a file, not a folder:" if folder.exists() else (
+            "does not exist; create it, or")
         raise ConfigError(
-            f"the tasks folder {folder} does not exist; create it, or point "
-            "--tasks / DBTASKS_TASKS at the folder that holds your task modules"
+            f"the tasks folder {folder} {problem} point --tasks / DBTASKS_TASKS "
+            "at the folder that holds your task modules"
         )
 
     package = _import_package(folder)

@@ -369,8 +369,10 @@ def drain(url: str, jobs: int, logs: Path, *, since_id: int = 0, workers: int = 
         # The rate comes from the jobs' own times, not from this loop, which
         # only needs to see the end; it looks seldom while much is left.
         while (left := open_jobs(url, since_id)) and time.monotonic() < deadline:
-            if any(process.poll() is not None for process in processes):
-                raise RuntimeError(f"a worker died; see {log}")
+            for process in processes:
+                if process.poll() is not None:
+                    raise RuntimeError(f"a worker exited with status "
+                                       f"{process.returncode}; see {log}")
             time.sleep(0.1 if left < 5_000 else 0.5)
     finally:
         stop(processes)

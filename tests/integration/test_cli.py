@@ -154,6 +154,46 @@ def test_run_runs_sync_and_async_tasks_inline(cli_tasks):
     assert tick.stdout == '["tick", {"at": "noon"}]\n'
 
 
+
+@pytest.fixture
+def outcome_tasks(tmp_path: Path) -> Path:
+    folder = tmp_path / "outcome_tasks"
+    folder.mkdir()
+    (folder / "outcomes.py").write_text(
+        "from dbtasks import Cancel, Retry, task\n\n"
+        "@task\n"
+        "def cancels(params, context):\n"
+        "    raise Cancel('not needed any more')\n\n"
+        "@task\n"
+        "def retries(params, context):\n"
+        "    raise Retry(delay=5)\n\n"
+        "@task\n"
+        "def fails(params, context):\n"
+        "    raise RuntimeError('failed on purpose')\n"
+    )
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("task", "line"),
+    [("cancels", "task cancels cancelled: not needed any more"),
+     ("retries", "task retries asked to be retried: retry requested by the task")],
+)
+def test_run_of_a_task_that_cancels_or_retries_says_so_in_one_line(
+    outcome_tasks, task, line
+):
+    result = cli("run", task, tasks=outcome_tasks)
+
+    assert (result.returncode, result.stdout, result.stderr) == (1, "", line + "\n")
+
+
+def test_run_of_a_failing_task_shows_its_traceback(outcome_tasks):
+    result = cli("run", "fails", tasks=outcome_tasks)
+
+    assert (result.returncode, result.stdout) == (1, "")
+    assert result.stderr.startswith("Traceback (most recent call last):")
+    assert result.stderr.rstrip().endswith("RuntimeError: failed on purpose")
+
 # --- bad inputs -----------------------------------------------------------------
 
 
@@ -380,3 +420,13 @@ def test_a_missing_tasks_folder(tmp_path, command):
                  tasks=missing)
 
     assert_clean_error(result, f"the tasks folder {missing} does not exist")
+
+
+def test_a_tasks_folder_that_is_a_file(tmp_path):
+    file = tmp_path / "tasks"
+    file.write_text("")
+
+    result = cli("tasks", tasks=file)
+
+    assert_clean_error(result, f"the tasks folder {file} is a file, not a folder: "
+                       "point --tasks / DBTASKS_TASKS at the folder")

@@ -233,12 +233,9 @@ def test_a_timeout_is_a_failed_attempt_and_frees_the_slot(
         (1, "start"),
         (2, "start"),
     ]
-    if task.is_async:
-        assert row.last_error.endswith("TimeoutError")
-    else:
-        assert row.last_error.endswith(
-            "TimeoutError: task short_timeout ran past its timeout of 0.5s"
-        )
+    assert row.last_error.endswith(
+        f"TimeoutError: task {task.name} ran past its timeout of 0.5s"
+    )
     [first_start] = run_times(engine, late)[:1]
     [tick_run] = run_times(engine, tick, "run")
     assert (tick_run - first_start).total_seconds() < 3.0
