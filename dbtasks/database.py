@@ -110,7 +110,8 @@ def _create_sqlite_engine(url: URL, pool_size: int) -> Engine:
     if database in ("", ":memory:") or database.startswith("file:"):
         raise ConfigError(
             "dbtasks needs a SQLite file that workers and the application share, "
-            f"not {database or 'an in-memory database'!r}: use sqlite:///path/to/file"
+            f"not {repr(database) if database else 'an in-memory database'}: use "
+            "sqlite:///path/to/file"
         )
     folder = Path(database).expanduser().resolve().parent
     if not folder.is_dir():

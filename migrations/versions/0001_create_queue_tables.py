@@ -54,9 +54,11 @@ def upgrade() -> None:
         sa.Column("finished_at", TIMESTAMP),
         sa.Column("last_error", sa.Text),
         sa.PrimaryKeyConstraint("id", name="pk_dbtasks_jobs"),
-        sa.CheckConstraint(JOB_STATES, name="ck_dbtasks_jobs_state"),
-        sa.CheckConstraint("attempt >= 0", name="ck_dbtasks_jobs_attempt"),
-        sa.CheckConstraint("max_attempts >= 1", name="ck_dbtasks_jobs_max_attempts"),
+        sa.CheckConstraint(JOB_STATES, name=op.f("ck_dbtasks_jobs_state")),
+        sa.CheckConstraint("attempt >= 0", name=op.f("ck_dbtasks_jobs_attempt")),
+        sa.CheckConstraint(
+            "max_attempts >= 1", name=op.f("ck_dbtasks_jobs_max_attempts")
+        ),
     )
     op.create_index(
         "uq_dbtasks_jobs_idempotency_key",
@@ -118,7 +120,9 @@ def upgrade() -> None:
             name="fk_dbtasks_completions_job_id_dbtasks_jobs",
             ondelete="CASCADE",
         ),
-        sa.CheckConstraint(COMPLETION_STATES, name="ck_dbtasks_completions_state"),
+        sa.CheckConstraint(
+            COMPLETION_STATES, name=op.f("ck_dbtasks_completions_state")
+        ),
     )
     op.create_index(
         "ix_dbtasks_completions_node_state",
@@ -134,7 +138,9 @@ def upgrade() -> None:
         sa.Column("created_at", TIMESTAMP, nullable=False),
         sa.Column("updated_at", TIMESTAMP, nullable=False),
         sa.PrimaryKeyConstraint("task", name="pk_dbtasks_schedules"),
-        sa.CheckConstraint("frequency > 0", name="ck_dbtasks_schedules_frequency"),
+        sa.CheckConstraint(
+            "frequency > 0", name=op.f("ck_dbtasks_schedules_frequency")
+        ),
     )
 
     op.create_table(
