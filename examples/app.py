@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from sqlalchemy import Column, Integer, MetaData, String, Table, create_engine, insert
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -62,9 +63,10 @@ def main() -> None:
             user_id = sign_up(session, args.email)
             if args.fail:
                 raise RuntimeError("sign-up failed after enqueueing: rolled back")
+    except IntegrityError:
+        sys.exit(f"{args.email} has signed up already: nothing added, no job")
     except RuntimeError as exc:
-        print(exc)
-        return
+        sys.exit(f"{exc}; no user, no job")
     print(f"user {user_id} signed up; welcome email enqueued")
 
 
