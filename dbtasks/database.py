@@ -77,6 +77,24 @@ class RawStatement:
             cursor.close()
 
 
+def raw_connection(engine: Engine) -> Any:
+    """Check a connection out of the engine's pool, for a caller that then
+    holds it outside SQLAlchemy (the worker's hot path).
+
+    A failure to connect is raised as SQLAlchemy's DBAPIError, as through
+    `engine.connect()`: `Engine.raw_connection` lets the driver's own error
+    through, which the worker's retry of database outages would not catch.
+    """
+    driver_error = engine.dialect.loaded_dbapi.Error
+    try:
+        return engine.raw_connection()
+    except driver_error as exc:
+        raise DBAPIError.instance(
+            None, None, exc, driver_error, hide_parameters=True,
+            connection_invalidated=engine.dialect.is_disconnect(exc, None, None),
+        ) from exc
+
+
 def is_transient(error: BaseException) -> bool:
     """Whether running the failed transaction again may well succeed."""
     if not isinstance(error, DBAPIError):

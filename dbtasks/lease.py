@@ -72,12 +72,13 @@ class Heartbeat(threading.Thread):
                 if params["tokens"]:
                     conn.execute(queries.renew_job_leases, params)
                     conn.execute(queries.renew_completion_leases, params)
-        except DBAPIError as exc:
+        except Exception as exc:  # noqa: BLE001 - this thread must outlive any error
             # Logged once per outage; the leases run out if it lasts.
             if not self._failing:
                 logger.warning(
                     "heartbeat failed, retrying: %s",
-                    exc.orig,
+                    getattr(exc, "orig", None) or exc,
+                    exc_info=not isinstance(exc, DBAPIError),
                     extra={"event": "lease.heartbeat_failed", "node": self._node},
                 )
             self._failing = True

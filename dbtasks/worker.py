@@ -50,7 +50,12 @@ from tenacity import (
 from dbtasks import claim, lease, queries, scheduler
 from dbtasks.claim import ClaimedJob
 from dbtasks.config import Config
-from dbtasks.database import RawStatement, create_queue_engine, is_transient
+from dbtasks.database import (
+    RawStatement,
+    create_queue_engine,
+    is_transient,
+    raw_connection,
+)
 from dbtasks.errors import ConfigError, LeaseLost
 from dbtasks.executor import Executor, Run
 from dbtasks.lifeline import Lifeline
@@ -73,7 +78,7 @@ logger = logging.getLogger(__name__)
 HOUSEKEEPING_INTERVAL = 60.0
 
 #: Seconds a housekeeping pass may spend pruning before it leaves the rest,
-#: if any, to a pass soon after.
+#: if any, to the next maintenance pass.
 PRUNE_TIME_BUDGET = 0.25
 
 #: Seconds between rescues of jobs whose worker is known dead (PostgreSQL).
@@ -138,6 +143,9 @@ class Worker:
         self.engine: Engine = create_queue_engine(
             config, pool_size=config.concurrency + 3
         )
+        # What an outage raises: SQLAlchemy's wrapper, and the driver's own
+        # error wherever one gets past it.
+        self._outage_errors = (DBAPIError, self.engine.dialect.loaded_dbapi.Error)
         self._any_tasks = registry.names("any")
         self._all_tasks = registry.names("all")
         self._queues = list(config.queues)
@@ -302,11 +310,11 @@ class Worker:
         try:
             step()
             return
-        except DBAPIError as exc:
+        except self._outage_errors as exc:
             self._log_outage(exc)
 
         retrying = Retrying(
-            retry=retry_if_exception_type(DBAPIError),
+            retry=retry_if_exception_type(self._outage_errors),
             wait=wait_random_exponential(multiplier=0.5, max=MAX_OUTAGE_BACKOFF),
             sleep=self._sleep_unless_stopping,
             before_sleep=lambda state: self._log_outage(state.outcome.exception()),
@@ -473,7 +481,7 @@ class Worker:
             )
             self._hot_statements[limit] = statement
         if self._hot is None:
-            pooled = self.engine.raw_connection()
+            pooled = raw_connection(self.engine)
             pooled.detach()  # autocommit: it must never go back to the pool
             pooled.dbapi_connection.autocommit = True
             self._hot = pooled
@@ -647,7 +655,7 @@ class Worker:
         # Batch after batch, each its own transaction, for a bounded time: a
         # busy queue finishes far more than one batch a minute, and pruning
         # must keep up without holding up this loop's claims for long. What is
-        # left is pruned by the next pass, soon.
+        # left waits for the next maintenance pass (a heartbeat interval).
         pruned = 0
         deadline = time.monotonic() + PRUNE_TIME_BUDGET
         while True:
@@ -657,7 +665,7 @@ class Worker:
             if batch < queries.PRUNE_BATCH:
                 break
             if time.monotonic() >= deadline:
-                self._next_housekeeping = time.monotonic() + PRUNE_TIME_BUDGET * 4
+                self._next_housekeeping = 0.0
                 break
         if pruned:
             logger.info(

@@ -14,6 +14,12 @@ def noop(params, context):
     """Do nothing."""
 
 
+@task(name="nap")
+def nap(params, context):
+    """Sleep, touching no database: runs on while the database is away."""
+    time.sleep(params["sleep"])
+
+
 @task(name="record")
 def record(params, context):
     """Record a start and an end, sleeping `sleep` seconds in between."""

@@ -5,12 +5,15 @@ died. Leases are short (2 s) only where a test waits for one to expire."""
 from __future__ import annotations
 
 import signal
+import time
 from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 
+import psycopg
 from sqlalchemy import select, text
+from sqlalchemy.engine import make_url
 
-from dbtasks import enqueue, lease
+from dbtasks import enqueue, enqueue_many, lease
 from dbtasks.claim import ClaimedJob
 from dbtasks.outcomes import FAILED, HANDED_BACK, RETRY, SUCCEEDED, Outcome, record
 from dbtasks.schema import jobs
@@ -334,3 +337,37 @@ def test_a_periodic_series_survives_its_worker_being_killed(
     open_states = ("scheduled", "queued", "running")
     assert all(state in ("succeeded", *open_states) for state in states)
     assert sum(state in open_states for state in states) == 1
+
+
+def test_a_worker_outlives_a_database_that_refuses_new_connections(
+    postgres_admin_url, pg_url, engine_pg, start_worker
+):
+    """Its connections cut while the server refuses new ones (as while it
+    shuts down): every way back in fails for a while, none may end the
+    worker, and every job still runs."""
+    worker = start_worker(pg_url, "--concurrency", "2")
+    with engine_pg.begin() as conn:
+        enqueue_many(conn, basic.nap, [{"sleep": 0.05}] * 100)
+    wait_for(lambda: sql(engine_pg, "SELECT count(*) FROM dbtasks_jobs "
+                         "WHERE state = 'succeeded'")[0][0] >= 10,
+             message="the worker to be busy")
+    database = make_url(pg_url).database
+    with psycopg.connect(postgres_admin_url, autocommit=True) as admin:
+        try:
+            admin.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS false')
+            admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = %s AND pid <> pg_backend_pid()", (database,)
+            )
+            time.sleep(3)
+            assert worker.process.poll() is None, worker.output
+        finally:
+            admin.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS true')
+    engine_pg.dispose()  # its connections were cut too
+
+    wait_for(lambda: sql(engine_pg, "SELECT state, count(*) FROM dbtasks_jobs "
+                         "GROUP BY state") == [("succeeded", 100)],
+             timeout=60, message="every job to succeed")
+    assert worker.process.poll() is None
+    worker.wait_for_output("database reachable again")
+    assert "Traceback" not in worker.output
