@@ -88,11 +88,11 @@ def database_error(config: Config, exc: DBAPIError) -> DatabaseError:
     """Say what failed without the SQL, and never with the password."""
     reason = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
     url = config.database_url
-    secrets = [url.password] + [
-        value for key, value in url.query.items() if "password" in key.lower()
-    ]
+    secrets = [url.password]
+    for key, values in url.normalized_query.items():
+        if "password" in key.lower():
+            secrets.extend(values)
     for secret in secrets:
-        for text in [secret] if isinstance(secret, str) else secret or ():
-            if text:
-                reason = reason.replace(str(text), "***")
+        if secret:
+            reason = reason.replace(str(secret), "***")
     return DatabaseError(f"database {safe_url(config.database_url)}: {reason}")

@@ -224,6 +224,19 @@ def _node_alive(node_timeout: Any) -> Any:
     )
 
 
+def _registration() -> dict[str, Any]:
+    """What a node writes into its row when it starts, new or taken over."""
+    return {
+        "hostname": bindparam("hostname"),
+        "pid": bindparam("pid"),
+        "tasks": bindparam("tasks"),
+        "queues": bindparam("queues"),
+        "lifeline_key": bindparam("lifeline_key"),
+        "registered_at": utcnow(),
+        "heartbeat_at": utcnow(),
+    }
+
+
 @functools.cache
 def register_node(dialect: str) -> Insert:
     """Add this node's row; returns no row if the name is taken (see take_over).
@@ -232,16 +245,7 @@ def register_node(dialect: str) -> Insert:
     is not reliable across drivers (-1 with psycopg under SQLAlchemy 2.1)."""
     return (
         _insert(dialect)(nodes)
-        .values(
-            name=bindparam("node_name"),
-            hostname=bindparam("hostname"),
-            pid=bindparam("pid"),
-            tasks=bindparam("tasks"),
-            queues=bindparam("queues"),
-            lifeline_key=bindparam("lifeline_key"),
-            registered_at=utcnow(),
-            heartbeat_at=utcnow(),
-        )
+        .values(name=bindparam("node_name"), **_registration())
         .on_conflict_do_nothing(index_elements=[nodes.c.name])
         .returning(nodes.c.name)
     )
@@ -251,16 +255,7 @@ def _take_over_node(*condition: Any) -> Update:
     return (
         update(nodes)
         .where(nodes.c.name == bindparam("node_name"), *condition)
-        .values(
-            hostname=bindparam("hostname"),
-            pid=bindparam("pid"),
-            tasks=bindparam("tasks"),
-            queues=bindparam("queues"),
-            lifeline_key=bindparam("lifeline_key"),
-            registered_at=utcnow(),
-            heartbeat_at=utcnow(),
-            stopped_at=None,
-        )
+        .values(**_registration(), stopped_at=None)
     )
 
 
