@@ -24,6 +24,11 @@ from sqlalchemy.sql.expression import ColumnElement, FunctionElement, literal
 #: strftime() format of every timestamp stored in SQLite; sorts as text.
 SQLITE_FORMAT = "%Y-%m-%d %H:%M:%f"
 
+#: The longest duration dbtasks adds to a time (ten years): a delay, a
+#: frequency, a lease. Beyond it a timestamp overflows somewhere (Python's
+#: time_t, PostgreSQL's range, SQLite's text), and it is a unit mistake anyway.
+MAX_SECONDS = 366 * 10 * 24 * 3600.0
+
 
 class UtcDateTime(TypeDecorator[datetime]):
     """A timezone-aware datetime: `timestamptz` on PostgreSQL, UTC text on SQLite.

@@ -7,7 +7,6 @@ from the CLI's options, which read the `DBTASKS_*` environment variables.
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -16,6 +15,7 @@ from pathlib import Path
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
+from dbtasks.clock import MAX_SECONDS
 from dbtasks.errors import ConfigError
 
 #: With no database configured, a SQLite file in the current directory.
@@ -136,11 +136,11 @@ class Config:
     def _check_at_least(self, least: float, *names: str) -> None:
         for name in names:
             value = getattr(self, name)
-            if not (value >= least and math.isfinite(value)):  # NaN fails both
+            if not least <= value <= MAX_SECONDS:  # NaN fails too
                 flag = "--" + _FLAGS.get(name, name).replace("_", "-")
                 raise ConfigError(
-                    f"{name} ({flag}) must be a finite number of seconds, at "
-                    f"least {least:g}; got {value}"
+                    f"{name} ({flag}) must be from {least:g} to {MAX_SECONDS:g} "
+                    f"seconds (ten years); got {value}"
                 )
 
     @property

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+from dbtasks.clock import MAX_SECONDS
+
 
 class DbtasksError(Exception):
     """Base class of every error raised by dbtasks."""
@@ -60,8 +62,15 @@ class Retry(Exception):  # noqa: N818 - an outcome, not an error
     def __init__(self, delay: float | timedelta | None = None, reason: str = ""):
         if isinstance(delay, timedelta):
             delay = delay.total_seconds()
-        if delay is not None and not delay >= 0:
-            raise ValueError(f"Retry delay must be zero or more seconds, got {delay!r}")
+        if delay is not None and (
+            isinstance(delay, bool)
+            or not isinstance(delay, (int, float))
+            or not 0 <= delay <= MAX_SECONDS
+        ):
+            raise ValueError(
+                f"Retry delay must be a number of seconds from 0 to {MAX_SECONDS:g} "
+                f"(ten years) or a timedelta, got {delay!r}"
+            )
         super().__init__(reason or "retry requested by the task")
         self.delay = delay
         self.reason = reason

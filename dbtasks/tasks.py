@@ -28,6 +28,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, overload
 
+from dbtasks.clock import MAX_SECONDS
 from dbtasks.errors import ConfigError, DuplicateTask, TaskError, TaskNotFound
 
 logger = logging.getLogger(__name__)
@@ -168,7 +169,14 @@ def task(
 
 def _check_signature(fn: Callable[..., Any], where: str) -> None:
     """Refuse at load time a function that could not take (params, context),
-    rather than fail every attempt of every job of it."""
+    rather than fail every attempt of every job of it; and a generator, whose
+    call would return at once, its body never run."""
+    if inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn):
+        raise TaskError(
+            f"{where}: {getattr(fn, '__name__', fn)} is a generator function "
+            "(it has a yield): calling it would run none of its code; return a "
+            "value instead of yielding"
+        )
     try:
         signature = inspect.signature(fn)
     except (TypeError, ValueError):
@@ -177,9 +185,9 @@ def _check_signature(fn: Callable[..., Any], where: str) -> None:
         signature.bind(None, None)
     except TypeError:
         raise TaskError(
-            f"{where}: a task function is called with two arguments, (params, "
-            f"context), but {getattr(fn, '__name__', fn)}{signature} cannot take "
-            "them; add the missing parameters"
+            f"{where}: a task function is called with two positional arguments, "
+            f"(params, context), but {getattr(fn, '__name__', fn)}{signature} "
+            "cannot take them; define it as def name(params, context)"
         ) from None
 
 
@@ -225,6 +233,11 @@ def _check_seconds(what: str, value: Any, where: str, zero_ok: bool) -> float:
     smallest = "0 or more" if zero_ok else "more than 0"
     if not math.isfinite(value) or value < 0 or (value == 0 and not zero_ok):
         raise TaskError(f"{where}: {what} must be {smallest} seconds, got {value!r}")
+    if value > MAX_SECONDS:
+        raise TaskError(
+            f"{where}: {what} must be at most {MAX_SECONDS:g} seconds (ten years), "
+            f"got {value!r}"
+        )
     return float(value)
 
 

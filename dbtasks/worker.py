@@ -35,6 +35,7 @@ from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Connection, Engine
@@ -956,4 +957,16 @@ def _process_gone(hostname: str, pid: int) -> bool:
         return True
     except PermissionError:
         return False  # alive, under another user
-    return False
+    return _is_zombie(pid)
+
+
+def _is_zombie(pid: int) -> bool:
+    """Whether the process has ended and waits only to be reaped (Linux; a
+    container without an init leaves killed workers so)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    # The state follows the command name, which is in parentheses and may
+    # itself hold spaces and parentheses.
+    return stat.rpartition(")")[2].split()[:1] == ["Z"]

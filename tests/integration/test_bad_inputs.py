@@ -414,16 +414,18 @@ def test_an_out_of_range_priority_from_the_cli_writes_nothing(pg_url, engine_pg)
 @pytest.mark.parametrize(
     ("option", "value", "message"),
     [
-        ("--lease", "0.001", "lease_seconds (--lease) must be a finite number of "
-         "seconds, at least 1; got 0.001"),
-        ("--node-timeout", "0", "node_timeout (--node-timeout) must be a finite "
-         "number of seconds, at least 1; got 0.0"),
-        ("--poll-interval", "nan", "poll_interval (--poll-interval) must be a "
-         "finite number of seconds, at least 0.01; got nan"),
-        ("--shutdown-grace", "inf", "shutdown_grace (--shutdown-grace) must be a "
-         "finite number of seconds, at least 0; got inf"),
-        ("--retention", "-1", "retention (--retention) must be a finite number of "
-         "seconds, at least 0; got -1.0"),
+        ("--lease", "0.001", "lease_seconds (--lease) must be from 1 to "
+         "3.16224e+08 seconds (ten years); got 0.001"),
+        ("--lease", "1e12", "lease_seconds (--lease) must be from 1 to "
+         "3.16224e+08 seconds (ten years); got 1000000000000.0"),
+        ("--node-timeout", "0", "node_timeout (--node-timeout) must be from 1 to "
+         "3.16224e+08 seconds (ten years); got 0.0"),
+        ("--poll-interval", "nan", "poll_interval (--poll-interval) must be from "
+         "0.01 to 3.16224e+08 seconds (ten years); got nan"),
+        ("--shutdown-grace", "inf", "shutdown_grace (--shutdown-grace) must be "
+         "from 0 to 3.16224e+08 seconds (ten years); got inf"),
+        ("--retention", "-1", "retention (--retention) must be from 0 to "
+         "3.16224e+08 seconds (ten years); got -1.0"),
     ],
 )
 def test_a_worker_refuses_timings_it_cannot_keep(sqlite_url, option, value,
@@ -619,8 +621,14 @@ CATALOGUE: list[tuple[str, list[str]]] = [
         "workers_but_loses_nothing"]),
     ("a task function that cannot take (params, context)", [
         "test_tasks::test_a_function_that_cannot_take_params_and_context_is_"
-        "refused"]),
-    ("worker timings too short, negative, NaN or infinite", [
+        "refused",
+        "test_tasks::test_a_generator_function_is_refused_for_it_would_run_"
+        "nothing"]),
+    ("a Retry delay or task frequency past what a timestamp holds", [
+        "test_tasks::test_a_retry_delay_beyond_ten_years_or_not_a_number_is_"
+        "refused",
+        "test_tasks::test_bad_settings_are_refused_where_the_function_is"]),
+    ("worker timings too short, too long, negative, NaN or infinite", [
         "test_bad_inputs::test_a_worker_refuses_timings_it_cannot_keep"]),
     ("a job whose stored params are not valid JSON", [
         "test_security::test_hostile_rows_in_the_jobs_table_run_nothing_outside_"

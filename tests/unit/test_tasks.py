@@ -18,6 +18,7 @@ from dbtasks import (
     DuplicateTask,
     JobContext,
     Registry,
+    Retry,
     TaskError,
     TaskNotFound,
     load_tasks,
@@ -110,6 +111,9 @@ def test_no_timeout_and_a_float_frequency_are_accepted():
         ({"frequency": float("inf")}, "frequency must be 0 or more seconds, got inf"),
         ({"frequency": float("nan")}, "got nan"),
         ({"timeout": 0}, "timeout must be more than 0 seconds, got 0"),
+        ({"frequency": 1e308}, "frequency must be at most 3.16224e+08 seconds (ten "
+         "years), got 1e+308"),
+        ({"timeout": timedelta(days=4000)}, "timeout must be at most"),
         ({"max_attempts": 0}, "max_attempts must be an integer of 1 or more"),
         ({"max_attempts": 2.0}, "max_attempts must be an integer of 1 or more"),
         ({"priority": 101}, "priority must be -100 to 100, got 101"),
@@ -121,7 +125,8 @@ def test_no_timeout_and_a_float_frequency_are_accepted():
     ],
     ids=["scope", "scope-none", "negative-frequency", "negative-timedelta",
          "string-frequency", "bool-frequency", "infinite-frequency",
-         "nan-frequency", "zero-timeout", "zero-attempts", "float-attempts",
+         "nan-frequency", "zero-timeout", "huge-frequency", "huge-timeout",
+         "zero-attempts", "float-attempts",
          "priority-range", "priority-type", "empty-queue", "padded-name",
          "control-name", "long-name"],
 )
@@ -150,16 +155,31 @@ def test_a_bare_decorator_declares_the_task_with_every_default():
 
 @pytest.mark.parametrize(
     "fn",
-    [lambda: None, lambda params: None, lambda params, context, extra: None],
-    ids=["no-arguments", "one-argument", "a-required-third"],
+    [lambda: None, lambda params: None, lambda params, context, extra: None,
+     lambda *, params, context: None],
+    ids=["no-arguments", "one-argument", "a-required-third", "keyword-only"],
 )
 def test_a_function_that_cannot_take_params_and_context_is_refused(fn):
     with pytest.raises(TaskError) as refused:
         task(name="unit_unfit")(fn)
 
     assert str(refused.value).startswith(f"{__file__}:")
-    assert "is called with two arguments, (params, context)" in str(refused.value)
-    assert "add the missing parameters" in str(refused.value)
+    assert "is called with two positional arguments, (params, context)" in str(
+        refused.value)
+    assert "define it as def name(params, context)" in str(refused.value)
+
+
+def test_a_generator_function_is_refused_for_it_would_run_nothing():
+    def sync_gen(params, context):
+        yield 1
+
+    async def async_gen(params, context):
+        yield 1
+
+    for fn in (sync_gen, async_gen):
+        with pytest.raises(TaskError, match=r"is a generator function \(it has a "
+                           r"yield\): calling it would run none of its code"):
+            task(name="unit_gen")(fn)
 
 
 def test_extra_parameters_with_defaults_are_fine():
@@ -517,3 +537,17 @@ def test_an_inline_context_has_no_transaction():
 
     with pytest.raises(TaskError, match="needs a worker"):
         run_inline(wants)
+
+
+@pytest.mark.parametrize("delay", [1e308, float("nan"), -1, "soon", True,
+                                   timedelta(days=4000)])
+def test_a_retry_delay_beyond_ten_years_or_not_a_number_is_refused(delay):
+    """Raised inside the task, so it fails that job alone; a delay past what
+    a timestamp holds would otherwise fail the whole batch's recording."""
+    with pytest.raises(ValueError, match="Retry delay must be a number of seconds "
+                       "from 0 to 3.16224e"):
+        Retry(delay=delay)
+
+
+def test_a_retry_delay_up_to_ten_years_is_kept():
+    assert Retry(delay=timedelta(days=3660)).delay == 3660 * 86400.0
