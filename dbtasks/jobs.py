@@ -23,6 +23,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from dbtasks import queries
+from dbtasks.clock import MAX_SECONDS
 from dbtasks.config import DEFAULT_QUEUE
 from dbtasks.errors import JobError, SchemaError, TaskNotFound
 from dbtasks.params import encode_params
@@ -33,8 +34,8 @@ from dbtasks.tasks import (
     declared_tasks,
 )
 
-#: How far ahead a job may be scheduled; later is almost surely a unit mistake.
-MAX_RUN_AT_AHEAD = timedelta(days=366 * 10)
+#: How far ahead a job may be scheduled: the bound every duration has.
+MAX_RUN_AT_AHEAD = timedelta(seconds=MAX_SECONDS)
 
 _UNSET: Any = object()
 
