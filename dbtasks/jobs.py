@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import weakref
 from collections.abc import Awaitable, Iterable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta
@@ -25,6 +26,7 @@ from sqlalchemy.orm import Session
 from dbtasks import queries
 from dbtasks.clock import MAX_SECONDS
 from dbtasks.config import DEFAULT_QUEUE
+from dbtasks.database import RawStatement
 from dbtasks.errors import JobError, SchemaError, TaskNotFound
 from dbtasks.params import encode_params
 from dbtasks.tasks import (
@@ -311,14 +313,23 @@ def _insert_job(conn: Connection, job: dict[str, Any]) -> int:
     if job["_look_up"]:
         job = _with_registered_defaults(conn, job)
 
-    dialect = conn.dialect.name
-    statement = queries.insert_job(
-        dialect,
-        with_run_at=job["run_at"] is not None,
-        idempotent=job["idempotency_key"] is not None,
-    )
+    variant = (job["run_at"] is not None, job["idempotency_key"] is not None)
     values = {key: value for key, value in job.items() if not key.startswith("_")}
-    job_id = conn.execute(statement, values).scalar()
+    driver_connection = _plain_psycopg_connection(conn)
+    if driver_connection is not None:
+        statement = _raw_insert(conn, *variant)
+        try:
+            rows = statement.execute(driver_connection, values)
+        except DBAPIError as exc:
+            if exc.connection_invalidated:
+                conn.invalidate(exc.orig)  # as SQLAlchemy does on a lost connection
+            raise
+        job_id = rows[0][0] if rows else None
+    else:
+        insert = queries.insert_job(
+            conn.dialect.name, with_run_at=variant[0], idempotent=variant[1]
+        )
+        job_id = conn.execute(insert, values).scalar()
     if job_id is None:
         # The idempotency key exists: return that job.
         job_id = conn.execute(
@@ -326,6 +337,60 @@ def _insert_job(conn: Connection, job: dict[str, Any]) -> int:
             {"idempotency_key": job["idempotency_key"]},
         ).scalar_one()
     return int(job_id)
+
+
+def _plain_psycopg_connection(conn: Connection) -> Any | None:
+    """The psycopg connection under `conn`, where sending the INSERT to it
+    directly is exactly what `conn.execute` would do; else None.
+
+    That is the application's own psycopg 3 connection, in an active
+    transaction, with no event listeners or echo that would expect to see
+    the statement (tracing, query logging). Skipping SQLAlchemy's execution
+    machinery there takes a fifth off a one-job transaction
+    (tools/benchmark.py, W1). SQLAlchemy keeps the flags this reads private;
+    where one is missing, the answer is the safe one, SQLAlchemy's path.
+    """
+    dialect = conn.dialect
+    if dialect.driver != "psycopg" or dialect.is_async or (
+        dialect.paramstyle != "pyformat"
+    ):
+        return None
+    if (
+        getattr(conn, "_has_events", True)
+        or getattr(conn.engine, "_has_events", True)
+        or getattr(dialect, "_has_events", True)
+        or getattr(conn, "_echo", True)
+    ):
+        return None
+    if conn.invalidated:
+        return None
+    # Outside a transaction SQLAlchemy begins one (autobegin), and in a
+    # failed one it refuses to go on: both are left to it.
+    transaction = conn.get_nested_transaction() or conn.get_transaction()
+    if transaction is None or not transaction.is_active:
+        return None
+    return conn.connection.dbapi_connection
+
+
+#: Compiled INSERTs by dialect, then by (schema map, with run_at, idempotent).
+_raw_inserts: weakref.WeakKeyDictionary[Any, dict[Any, RawStatement]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _raw_insert(conn: Connection, with_run_at: bool, idempotent: bool) -> RawStatement:
+    translate = conn.get_execution_options().get("schema_translate_map")
+    key = (tuple(sorted(translate.items(), key=str)) if translate else None,
+           with_run_at, idempotent)
+    compiled = _raw_inserts.setdefault(conn.dialect, {})
+    statement = compiled.get(key)
+    if statement is None:
+        insert = queries.insert_job(
+            "postgresql", with_run_at=with_run_at, idempotent=idempotent
+        )
+        statement = RawStatement(insert, conn.dialect, translate)
+        compiled[key] = statement
+    return statement
 
 
 def _is_missing_table(exc: DBAPIError) -> bool:

@@ -477,7 +477,7 @@ class Worker:
         """
         statement = self._hot_statements.get(limit)
         if statement is None:
-            statement = RawStatement(
+            statement = RawStatement.for_engine(
                 claim.finish_and_claim_postgresql(limit), self.engine
             )
             self._hot_statements[limit] = statement

@@ -7,6 +7,7 @@ leaves the caller's transaction usable. Params come back exactly as given.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from datetime import datetime, timedelta, timezone
@@ -14,9 +15,11 @@ from decimal import Decimal
 from typing import Any
 from zoneinfo import ZoneInfo
 
+import psycopg
 import pytest
-from sqlalchemy import Engine, create_engine, insert, select, text
+from sqlalchemy import Engine, create_engine, event, insert, select, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 from sqlalchemy.orm import Session
 
@@ -186,6 +189,77 @@ def test_a_bulk_enqueue_through_each_postgresql_driver(pg_url, driver):
         queue.dispose()
 
     assert [decode_params(stored[job_id]) for job_id in ids] == params
+
+
+# --- the direct path on psycopg ------------------------------------------------
+# On a plain psycopg Connection, enqueue sends its INSERT to the driver itself
+# (jobs._plain_psycopg_connection); wherever SQLAlchemy would do more than
+# send it, enqueue goes through SQLAlchemy. Both must store the same job.
+
+
+def test_an_enqueue_outside_a_transaction_begins_one_that_commit_keeps(pg_url):
+    app = create_engine(app_url(pg_url))
+    queue = create_engine(app_url(pg_url))
+    try:
+        with app.connect() as conn:
+            first = enqueue(conn, noop, {"autobegun": True})  # nothing begun yet
+            second = enqueue(conn, noop, {"autobegun": False})  # the same transaction
+            conn.commit()
+        rows = job_rows(queue)
+    finally:
+        app.dispose()
+        queue.dispose()
+
+    assert [(row[0], row[2], row[6]) for row in rows] == [
+        (first, '{"autobegun":true}', "queued"),
+        (second, '{"autobegun":false}', "queued"),
+    ]
+
+
+def test_statement_listeners_and_echo_see_the_insert(pg_url, caplog):
+    app = create_engine(app_url(pg_url))
+    seen: list[str] = []
+    event.listen(app, "before_cursor_execute",
+                 lambda conn, cursor, statement, *rest: seen.append(statement))
+    echoing = create_engine(app_url(pg_url), echo=True)
+    try:
+        with app.begin() as conn:
+            traced = enqueue(conn, noop, {"traced": True})
+        with caplog.at_level(logging.INFO, logger="sqlalchemy.engine"):
+            with echoing.begin() as conn:
+                echoed = enqueue(conn, noop, {"echoed": True})
+    finally:
+        app.dispose()
+        echoing.dispose()
+
+    assert [statement.split(" (")[0] for statement in seen] == [
+        "INSERT INTO dbtasks_jobs"
+    ]
+    assert "INSERT INTO dbtasks_jobs" in caplog.text
+    assert (traced, echoed) == (1, 2)
+
+
+def test_a_connection_lost_in_the_insert_is_invalidated_and_replaced(pg_url):
+    app = create_engine(app_url(pg_url))
+    try:
+        with app.connect() as conn:
+            conn.begin()
+            pid = conn.exec_driver_sql("SELECT pg_backend_pid()").scalar()
+            admin_url = pg_url.replace("+psycopg", "")
+            with psycopg.connect(admin_url, autocommit=True) as admin:
+                admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+            with pytest.raises(DBAPIError) as lost:
+                enqueue(conn, noop, {"lost": True})
+            assert lost.value.connection_invalidated
+            assert conn.invalidated
+            conn.rollback()
+            with conn.begin():
+                job_id = enqueue(conn, noop, {"lost": False})
+        rows = job_rows(app)
+    finally:
+        app.dispose()
+
+    assert [(row[0], row[2]) for row in rows] == [(job_id, '{"lost":false}')]
 
 
 def test_enqueue_refuses_a_target_that_is_not_sqlalchemy(database_url):

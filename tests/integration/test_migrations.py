@@ -175,6 +175,26 @@ def test_a_postgresql_schema_holds_every_table(new_database):
         app.dispose()
 
 
+def test_an_application_schema_translate_map_places_the_job(new_database):
+    # The application's own map, not enqueue's schema argument: enqueue must
+    # follow it whichever way it sends the INSERT.
+    url = new_database("postgresql")
+    commands.migrate(config_for(url, schema="tenant_queue"))
+    app = create_engine(url)
+    try:
+        with app.connect() as conn:
+            tenant = conn.execution_options(
+                schema_translate_map={None: "tenant_queue"}
+            )
+            with tenant.begin():
+                job_id = enqueue(tenant, noop, {"tenant": 1}, schema=None)
+        stored = sql(app, "SELECT id, params FROM tenant_queue.dbtasks_jobs")
+    finally:
+        app.dispose()
+
+    assert stored == [(job_id, '{"tenant":1}')]
+
+
 # --- the revision check ------------------------------------------------------
 
 
