@@ -94,6 +94,10 @@ def table_names(engine: Engine, schema: str | None = None) -> list[str]:
     return sorted(inspect(engine).get_table_names(schema=schema))
 
 
+def test_the_head_revision_the_code_names_is_the_newest_migration():
+    assert migrate.HEAD_REVISION == migrate.head_revision()
+
+
 def test_upgrading_an_empty_database_gives_exactly_schema_py(queue_engine):
     migrate.upgrade(queue_engine, None)
 
