@@ -73,7 +73,8 @@ class RawStatement:
         return cls(statement, engine.dialect, translate)
 
     def execute(self, dbapi_connection: Any, values: dict[str, Any]) -> list[Any]:
-        """Run with `values` for the statement's named parameters; return its rows.
+        """Run with `values` for the statement's named parameters; return its
+        rows (none for a statement that returns none).
 
         A driver error is raised as SQLAlchemy's DBAPIError, as an execution
         through SQLAlchemy would raise it, saying whether the connection is
@@ -82,7 +83,7 @@ class RawStatement:
         cursor = dbapi_connection.cursor()
         try:
             cursor.execute(self.sql, {**self._fixed, **values})
-            return cursor.fetchall()
+            return cursor.fetchall() if cursor.description is not None else []
         except self._dbapi_error as exc:
             lost = self._dialect.is_disconnect(exc, dbapi_connection, cursor)
             raise DBAPIError.instance(

@@ -2,7 +2,7 @@
 
 The library itself only logs to `logging.getLogger(__name__)` and configures
 nothing; this is the CLI's setup for its own process. A busy worker logs each
-job's start and end at INFO, thousands of lines a second, so the records are
+job's outcome at INFO, thousands of lines a second, so the records are
 queued as they are and a writer thread formats and writes them in bursts,
 overlapping the worker's waits on the database.
 """

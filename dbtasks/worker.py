@@ -32,7 +32,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -167,7 +167,7 @@ class Worker:
                 isolation_level="AUTOCOMMIT"
             )
         self._hot: Any = None  # a DBAPI connection of the pool's, detached
-        self._hot_statements: dict[int, RawStatement] = {}
+        self._hot_statements: dict[Any, RawStatement] = {}  # by statement
         self._idle = False  # as last written to the node's row
         self._drained = False  # the last claim found fewer jobs than free slots
         self._next_poll = 0.0
@@ -457,7 +457,7 @@ class Worker:
             "promote_queue": self._queues[0],
             "tasks": self._any_tasks,
         }
-        rows = self._execute_hot(free, values)
+        rows = self._execute_hot(claim.finish_and_claim_postgresql(free), values)
         self._unrecorded = []
 
         owned = {(row[1], None) for row in rows if row[0] == claim.FINISHED}
@@ -469,25 +469,24 @@ class Worker:
         promoted = sum(1 for row in rows if row[0] == claim.PROMOTED)
         return claimed, promoted
 
-    def _execute_hot(self, limit: int, values: dict[str, Any]) -> list[Any]:
-        """Run claim.finish_and_claim_postgresql on the loop's own connection.
+    def _execute_hot(self, statement: Any, values: dict[str, Any]) -> list[Any]:
+        """Run one of the loop's own statements on its own connection.
 
         The connection is held for the worker's life in autocommit, not
         checked out of the pool per batch, and opened again after a failure.
+        Each statement is compiled once (database.RawStatement).
         """
-        statement = self._hot_statements.get(limit)
-        if statement is None:
-            statement = RawStatement.for_engine(
-                claim.finish_and_claim_postgresql(limit), self.engine
-            )
-            self._hot_statements[limit] = statement
+        raw = self._hot_statements.get(statement)
+        if raw is None:
+            raw = RawStatement.for_engine(statement, self.engine)
+            self._hot_statements[statement] = raw
         if self._hot is None:
             pooled = raw_connection(self.engine)
             pooled.detach()  # autocommit: it must never go back to the pool
             pooled.dbapi_connection.autocommit = True
             self._hot = pooled
         try:
-            return statement.execute(self._hot.dbapi_connection, values)
+            return raw.execute(self._hot.dbapi_connection, values)
         except DBAPIError:
             self._close_hot()
             raise
@@ -518,15 +517,21 @@ class Worker:
             self._next_due = None
             if idle == self._idle:
                 return
-        # Two independent statements: on PostgreSQL each commits on its own.
-        engine = self._autocommit or self.engine
-        with engine.begin() as conn:
-            due_in = self._next_due_in(conn) if idle else None
-            self._next_due = None if due_in is None else time.monotonic() + due_in
-            if self._lifeline is not None and idle != self._idle:
-                conn.execute(
+        tell = self._lifeline is not None and idle != self._idle
+        if self._autocommit is not None:
+            # PostgreSQL: on the loop's own connection, each statement commits
+            # on its own. Lean, as this runs while the jobs just claimed start.
+            due_in = self._next_due_in(self._execute_hot) if idle else None
+            if tell:
+                self._execute_hot(
                     queries.set_node_idle, {"node_name": self.node, "idle": idle}
                 )
+        else:
+            with self.engine.begin() as conn:
+                due_in = self._next_due_in(
+                    lambda statement, values: conn.execute(statement, values).all()
+                ) if idle else None
+        self._next_due = None if due_in is None else time.monotonic() + due_in
         self._idle = idle
 
     def _log_outcomes(
@@ -594,12 +599,13 @@ class Worker:
         )
         return claimed
 
-    def _next_due_in(self, conn: Connection) -> float | None:
+    def _next_due_in(self, execute: Callable[[Any, dict[str, Any]], list[Any]]
+                     ) -> float | None:
         """Seconds until this node's earliest scheduled job or completion is
-        due, if it has any."""
+        due, if it has any; `execute` runs a statement and returns its rows."""
         values: dict[str, Any] = {"node_name": self.node}
         values.update({f"queue_{n}": queue for n, queue in enumerate(self._queues)})
-        now, *due = conn.execute(queries.next_due(len(self._queues)), values).one()
+        ((now, *due),) = execute(queries.next_due(len(self._queues)), values)
         due = [when for when in due if when is not None]
         return (min(due) - now).total_seconds() if due else None
 
@@ -679,8 +685,11 @@ class Worker:
 
     def _start_job(self, job: ClaimedJob) -> None:
         running = RunningJob(job=job, task=self.registry.get(job.task))
-        if logger.isEnabledFor(logging.INFO):
-            logger.info(
+        # A start is logged at DEBUG: at INFO each job gets one line, its
+        # outcome's, which says the attempt and the duration too. Two lines per
+        # job cost a busy worker a third of its rate (tools/benchmark.py, W2).
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug(
                 "started %s job %s, attempt %d",
                 job.task,
                 job.id,
@@ -768,10 +777,11 @@ class Worker:
         extra = {**running.fields(self.node), "duration_ms": duration_ms}
         if outcome.kind == SUCCEEDED:
             logger.info(
-                "%s job %s succeeded in %.1f ms",
+                "%s job %s succeeded in %.1f ms, attempt %d",
                 job.task,
                 job.id,
                 duration_ms,
+                job.attempt,
                 extra={"event": "job.succeeded", **extra},
             )
         elif outcome.kind == RETRY:
