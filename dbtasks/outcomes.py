@@ -38,14 +38,34 @@ RETRY = "retry"
 HANDED_BACK = "handed_back"
 
 
+#: Longest error text kept in a job's row; a longer one keeps its start and,
+#: where the exception itself is, its end.
+MAX_ERROR_CHARS = 65_536
+
+
 @dataclass(frozen=True)
 class Outcome:
-    """How a run ended. `delay` is in seconds and only used by a retry."""
+    """How a run ended. `delay` is in seconds and only used by a retry.
+
+    The texts are made storable as the outcome is made, whatever the task
+    raised: a NUL, which PostgreSQL text refuses, is written as `\\x00`, and
+    an error longer than MAX_ERROR_CHARS is cut in its middle. An outcome the
+    database refused would otherwise never be recorded, and would hold up the
+    worker's other outcomes with it.
+    """
 
     kind: str
     error: str | None = None
     delay: float = 0.0
     summary: str | None = None  # one line for the log; `error` has the traceback
+
+    def __post_init__(self) -> None:
+        if self.error is not None:
+            object.__setattr__(self, "error", storable_text(self.error))
+        if self.summary is not None:
+            object.__setattr__(
+                self, "summary", storable_text(self.summary, limit=1000)
+            )
 
     @property
     def is_final(self) -> bool:
@@ -88,6 +108,18 @@ def unreadable_params(job: ClaimedJob, error: ValueError) -> Outcome:
         "by hand or by another program. Enqueue the job again with good params."
     )
     return Outcome(FAILED, error=message, summary=message)
+
+
+def storable_text(text: str, limit: int = MAX_ERROR_CHARS) -> str:
+    """`text` without NULs and at most about `limit` characters long."""
+    if "\x00" in text:
+        text = text.replace("\x00", "\\x00")
+    if len(text) <= limit:
+        return text
+    head = limit // 4
+    tail = limit - head
+    cut = len(text) - head - tail
+    return f"{text[:head]}\n[... {cut:,} characters cut ...]\n{text[-tail:]}"
 
 
 def summarize(error: BaseException) -> str:

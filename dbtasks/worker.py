@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Connection, Engine
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
 from tenacity import (
     Retrying,
     retry_if_exception,
@@ -62,6 +62,7 @@ from dbtasks.executor import Executor, Run
 from dbtasks.lifeline import Lifeline
 from dbtasks.migrate import require_current_schema
 from dbtasks.outcomes import (
+    FAILED,
     HANDED_BACK,
     RETRY,
     SUCCEEDED,
@@ -501,13 +502,74 @@ class Worker:
 
     def _record_and_claim_in_transaction(self, free: int) -> list[ClaimedJob]:
         ended = self._unrecorded
-        with self.engine.begin() as conn:
-            owned = self._record(conn, ended)
-            claimed = self._claim(conn, free) if free else []
+        try:
+            with self.engine.begin() as conn:
+                owned = self._record(conn, ended)
+                claimed = self._claim(conn, free) if free else []
+        except (DataError, IntegrityError) as exc:
+            # The database refused a value, not the connection: one outcome
+            # it will never take would fail every batch it is in, and the
+            # worker would retry them as an outage for good. Record them one
+            # by one instead; the next turn claims.
+            logger.warning(
+                "recording %d outcomes together failed (%s); recording them "
+                "one by one",
+                len(ended),
+                exc.orig,
+                extra={"event": "worker.recording_refused", "node": self.node},
+            )
+            owned, claimed = self._record_one_by_one(ended), []
         self._unrecorded = []
         self._next_full_claim = time.monotonic() + self.config.poll_interval
         self._log_outcomes(ended, owned)
         return claimed
+
+    def _record_one_by_one(
+        self, ended: list[tuple[RunningJob, Outcome | None]]
+    ) -> set[tuple[int, str | None]]:
+        """Record each outcome in a transaction of its own; one the database
+        refuses is recorded as a failure that says why. If even that is
+        refused, the job is left to its lease, and another run."""
+        owned: set[tuple[int, str | None]] = set()
+        for running, outcome in sorted(ended, key=lambda pair: pair[0].job.id):
+            if outcome is None:
+                continue
+            try:
+                with self.engine.begin() as conn:
+                    owned |= self._record(conn, [(running, outcome)])
+                continue
+            except (DataError, IntegrityError) as exc:
+                refusal = exc
+            job = running.job
+            logger.error(
+                "the database refused the outcome (%s) of %s job %s: %s; "
+                "recording it as failed",
+                outcome.kind,
+                job.task,
+                job.id,
+                refusal.orig,
+                extra={"event": "job.outcome_refused", **running.fields(self.node)},
+            )
+            failure = Outcome(
+                FAILED,
+                error=(
+                    f"dbtasks could not record this job's outcome ({outcome.kind}): "
+                    f"the database refused it: {_first_line(refusal.orig)}"
+                ),
+            )
+            try:
+                with self.engine.begin() as conn:
+                    owned |= self._record(conn, [(running, failure)])
+            except (DataError, IntegrityError) as exc:
+                logger.error(
+                    "the database refused the failure of %s job %s as well: %s; "
+                    "its lease will expire and it runs again",
+                    job.task,
+                    job.id,
+                    exc.orig,
+                    extra={"event": "job.outcome_refused", **running.fields(self.node)},
+                )
+        return owned
 
     def _note_idleness(self, idle: bool) -> None:
         """Learn when the next job falls due, and say in the node's row whether
@@ -943,6 +1005,11 @@ class Worker:
                 exc.orig,
                 extra={"event": "worker.shutdown_unrecorded", "node": self.node},
             )
+
+
+def _first_line(error: BaseException) -> str:
+    # Not the rest: PostgreSQL's DETAIL repeats the refused row, values and all.
+    return str(error).split("\n", 1)[0]
 
 
 def _last_line(error: str | None) -> str:

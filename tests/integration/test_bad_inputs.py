@@ -28,7 +28,9 @@ from sqlalchemy import Engine, create_engine, text
 from dbtasks import enqueue, migrate
 from dbtasks.config import config_from_env
 from dbtasks.database import SQLITE_BUSY_TIMEOUT_MS, create_queue_engine
+from dbtasks.outcomes import MAX_ERROR_CHARS
 from tests.app_tasks import faults
+from tests.bad_tasks import errors
 from tests.bad_tasks.echo import echo_params
 from tests.conftest import ROOT, sql, wait_for
 from tests.runs import app_metadata
@@ -399,6 +401,72 @@ def test_nul_and_lone_surrogates_in_params_reach_the_task_exactly(
                id=job_id) == [(ascii(params),)]
 
 
+# --- errors the database cannot store as they are ---------------------------------
+
+
+def test_error_texts_are_stored_with_nuls_escaped_and_a_huge_one_cut(
+    database_url, engine, start_worker
+):
+    with engine.begin() as conn:
+        nul = enqueue(conn, errors.raise_nul)
+        cancelled = enqueue(conn, errors.cancel_nul)
+        huge = enqueue(conn, errors.raise_huge)
+        fine = enqueue(conn, echo_params, {"after": "them"})
+    worker = start_worker(database_url, tasks=BAD_TASKS)
+
+    for job_id, state in ((nul, "failed"), (cancelled, "cancelled"),
+                          (huge, "failed"), (fine, "succeeded")):
+        wait_for_state(engine, job_id, state)
+
+    assert job_row(engine, nul).last_error.endswith("ValueError: bad\\x00byte")
+    assert job_row(engine, cancelled).last_error == "stop\\x00here"
+    huge_error = job_row(engine, huge).last_error
+    assert len(huge_error) < MAX_ERROR_CHARS + 100
+    assert "characters cut ...]" in huge_error
+    assert huge_error.startswith("Traceback (most recent call last):")
+    assert huge_error.endswith("x the end")
+    assert worker.process.poll() is None
+
+
+def test_an_outcome_the_database_refuses_is_recorded_as_a_failure_saying_so(
+    pg_url, engine_pg, start_worker
+):
+    # A real refusal, by a check constraint, of a value no bound in dbtasks
+    # foresees: the worker must not take it for an outage and stall on it.
+    refuse = (f"ALTER TABLE dbtasks_jobs ADD CONSTRAINT test_refuse CHECK "
+              f"(last_error IS NULL OR last_error NOT LIKE '%{errors.REFUSED_MARK}%')")
+    with engine_pg.begin() as conn:
+        conn.execute(text(refuse))
+    try:
+        with engine_pg.begin() as conn:
+            refused = enqueue(conn, errors.raise_refused)
+            others = [enqueue(conn, errors.raise_nul) for _ in range(3)]
+            fine = enqueue(conn, echo_params, {"with": "them"})
+        worker = start_worker(pg_url, "--concurrency", "10", tasks=BAD_TASKS)
+
+        for job_id in (refused, *others):
+            wait_for_state(engine_pg, job_id, "failed")
+        wait_for_state(engine_pg, fine, "succeeded")
+        with engine_pg.begin() as conn:
+            later = enqueue(conn, echo_params, {"later": True})
+        wait_for_state(engine_pg, later, "succeeded")
+    finally:
+        with engine_pg.begin() as conn:
+            conn.execute(text("ALTER TABLE dbtasks_jobs DROP CONSTRAINT test_refuse"))
+
+    state, attempt, owner, last_error = job_row(engine_pg, refused)
+    assert (state, attempt, owner) == ("failed", 1, None)
+    assert last_error == (
+        "dbtasks could not record this job's outcome (failed): the database "
+        'refused it: new row for relation "dbtasks_jobs" violates check '
+        'constraint "test_refuse"'
+    )
+    assert all(job_row(engine_pg, job_id).last_error.endswith("bad\\x00byte")
+               for job_id in others)
+    assert worker.process.poll() is None
+    assert "database unavailable" not in worker.output
+
+
 # --- command-line values ----------------------------------------------------------
 
 
@@ -630,6 +698,12 @@ CATALOGUE: list[tuple[str, list[str]]] = [
         "test_tasks::test_bad_settings_are_refused_where_the_function_is"]),
     ("worker timings too short, too long, negative, NaN or infinite", [
         "test_bad_inputs::test_a_worker_refuses_timings_it_cannot_keep"]),
+    ("a task error with a NUL byte, or a million characters long", [
+        "test_bad_inputs::test_error_texts_are_stored_with_nuls_escaped_and_a_huge_"
+        "one_cut"]),
+    ("an outcome the database refuses to store", [
+        "test_bad_inputs::test_an_outcome_the_database_refuses_is_recorded_as_a_"
+        "failure_saying_so"]),
     ("a job whose stored params are not valid JSON", [
         "test_security::test_hostile_rows_in_the_jobs_table_run_nothing_outside_"
         "the_registry",
