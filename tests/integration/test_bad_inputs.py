@@ -555,6 +555,10 @@ def next_release(tmp_path: Path) -> Path:
     shutil.copytree(ROOT / "dbtasks", copy / "dbtasks", ignore=ignore)
     shutil.copytree(ROOT / "migrations", copy / "migrations", ignore=ignore)
     (copy / "migrations" / "versions" / "0002_next.py").write_text(NEXT_MIGRATION)
+    # As the release that adds 0002 does (a test holds the two equal).
+    migrate_module = copy / "dbtasks" / "migrate.py"
+    migrate_module.write_text(migrate_module.read_text().replace(
+        'HEAD_REVISION = "0001"', 'HEAD_REVISION = "0002"'))
     (copy / "release_tasks").mkdir()
     (copy / "release_tasks" / "jobs.py").write_text(textwrap.dedent(GOOD_MODULE))
     return copy
