@@ -515,7 +515,7 @@ class Worker:
                 "recording %d outcomes together failed (%s); recording them "
                 "one by one",
                 len(ended),
-                exc.orig,
+                _first_line(exc.orig),
                 extra={"event": "worker.recording_refused", "node": self.node},
             )
             owned, claimed = self._record_one_by_one(ended), []
@@ -547,7 +547,7 @@ class Worker:
                 outcome.kind,
                 job.task,
                 job.id,
-                refusal.orig,
+                _first_line(refusal.orig),
                 extra={"event": "job.outcome_refused", **running.fields(self.node)},
             )
             failure = Outcome(
@@ -566,7 +566,7 @@ class Worker:
                     "its lease will expire and it runs again",
                     job.task,
                     job.id,
-                    exc.orig,
+                    _first_line(exc.orig),
                     extra={"event": "job.outcome_refused", **running.fields(self.node)},
                 )
         return owned
