@@ -154,14 +154,19 @@ def enqueue(config: Config, task: str, params: str, run_at: str | None,
 def run(config: Config, task: str, params: str) -> None:
     """Run TASK inline, now, in this process, and print its result.
 
-    A task that raises shows its traceback and exits 1; Cancel and Retry,
-    the outcomes a task chooses, are one line each.
+    A task that raises shows its traceback and exits 1, as one that runs past
+    its timeout does; Cancel, Retry and sys.exit() are one line each.
     """
+    values = _parse_json(params)
+    found = _guard(lambda: commands.load_task(config, task))
     try:
-        result = _guard(lambda: commands.run(config, task, _parse_json(params)))
+        result = commands.run_task(found, values)
     except (Cancel, Retry) as outcome:
         kind = "cancelled" if isinstance(outcome, Cancel) else "asked to be retried"
         click.echo(f"task {task} {kind}: {outcome}", err=True)
+        sys.exit(1)
+    except SystemExit as exited:
+        click.echo(f"task {task} called sys.exit({exited.code!r})", err=True)
         sys.exit(1)
     click.echo(json.dumps(result, default=repr))
 

@@ -7,6 +7,10 @@ API cannot drift apart.
 from __future__ import annotations
 
 import logging
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
 
@@ -17,7 +21,7 @@ from dbtasks.config import Config, safe_url
 from dbtasks.database import create_queue_engine
 from dbtasks.errors import DatabaseError
 from dbtasks.jobs import enqueue as enqueue_job
-from dbtasks.tasks import Registry, load_tasks, run_inline
+from dbtasks.tasks import Registry, Task, load_tasks, run_inline, timeout_message
 from dbtasks.worker import Worker
 
 logger = logging.getLogger(__name__)
@@ -75,8 +79,46 @@ def enqueue(
 
 def run(config: Config, task: str, params: Any = None) -> Any:
     """Run a task inline, now, in this process, and return its result."""
-    registry = load_tasks(config.tasks_path)
-    return run_inline(registry.get(task), params)
+    return run_task(load_task(config, task), params)
+
+
+def load_task(config: Config, name: str) -> Task:
+    """Load the tasks folder and return the task called `name`."""
+    return load_tasks(config.tasks_path).get(name)
+
+
+def run_task(task: Task, params: Any = None) -> Any:
+    """Run a loaded task inline and return its result.
+
+    The task's timeout holds for a plain function too: on the main thread,
+    a SIGALRM at the timeout raises TimeoutError inside it.
+    """
+    with _alarm_at_timeout(task):
+        return run_inline(task, params)
+
+
+@contextmanager
+def _alarm_at_timeout(task: Task) -> Iterator[None]:
+    usable = (
+        task.timeout is not None
+        and not task.is_async  # run_inline bounds coroutines itself
+        and hasattr(signal, "setitimer")
+        and threading.current_thread() is threading.main_thread()
+    )
+    if not usable:
+        yield
+        return
+
+    def ring(signum: int, frame: Any) -> None:
+        raise TimeoutError(timeout_message(task))
+
+    previous = signal.signal(signal.SIGALRM, ring)
+    signal.setitimer(signal.ITIMER_REAL, task.timeout)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def list_tasks(config: Config) -> Registry:

@@ -24,7 +24,24 @@ DEFAULT_DATABASE_URL = "sqlite:///dbtasks.sqlite3"
 #: The queue a job goes to when none is named.
 DEFAULT_QUEUE = "default"
 
-_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+#: Longest queue name (the jobs table's column).
+MAX_QUEUE_NAME = 100
+
+#: A schema name, as PostgreSQL takes one unquoted.
+SQL_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+
+
+def queue_name_problem(name: object) -> str | None:
+    """What is wrong with a queue name, or None: the one rule for a queue
+    named in @task, in enqueue and in `dbtasks worker --queues`."""
+    if not isinstance(name, str) or not 1 <= len(name) <= MAX_QUEUE_NAME:
+        return f"must be a name of 1 to {MAX_QUEUE_NAME} characters, got {name!r:.80}"
+    if name != name.strip() or any(ord(char) < 32 for char in name):
+        return f"{name!r:.80} has surrounding spaces or control characters"
+    if "," in name:
+        # --queues takes a comma-separated list: no worker could serve it.
+        return f"{name!r:.80} has a comma, which separates names in --queues"
+    return None
 
 
 def parse_database_url(raw: str) -> URL:
@@ -112,7 +129,7 @@ class Config:
     lifeline: bool = True
 
     def __post_init__(self) -> None:
-        if self.schema is not None and not _IDENTIFIER.match(self.schema):
+        if self.schema is not None and not SQL_IDENTIFIER.match(self.schema):
             raise ConfigError(
                 f"schema {self.schema!r} is not a plain SQL identifier; use letters, "
                 "digits and underscores, starting with a letter"
@@ -125,6 +142,10 @@ class Config:
             )
         if not self.queues or not all(self.queues):
             raise ConfigError("name at least one queue, and no empty queue names")
+        for queue in self.queues:
+            problem = queue_name_problem(queue)
+            if problem is not None:
+                raise ConfigError(f"queue (--queues) {problem}")
         self._check_at_least(0.01, "poll_interval")
         # Leases and heartbeats are renewed every third of these: below a
         # second a worker would spend itself renewing them.

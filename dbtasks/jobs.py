@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session
 
 from dbtasks import queries
 from dbtasks.clock import MAX_SECONDS
-from dbtasks.config import DEFAULT_QUEUE
+from dbtasks.config import DEFAULT_QUEUE, SQL_IDENTIFIER, queue_name_problem
 from dbtasks.database import RawStatement
 from dbtasks.errors import JobError, SchemaError, TaskNotFound
 from dbtasks.params import encode_params
@@ -33,6 +33,7 @@ from dbtasks.tasks import (
     DEFAULT_MAX_ATTEMPTS,
     PRIORITY_RANGE,
     Task,
+    attempts_problem,
     declared_tasks,
 )
 
@@ -87,6 +88,7 @@ def enqueue(
     )
     if schema is _UNSET:
         schema = os.environ.get("DBTASKS_SCHEMA") or None
+    schema = _check_schema(schema)
 
     if hasattr(target, "run_sync"):
         return _run_async(target, _insert, job, schema)
@@ -126,7 +128,7 @@ def enqueue_many(
     params = [encode_params(value) for value in params_list]
     if schema is _UNSET:
         schema = os.environ.get("DBTASKS_SCHEMA") or None
-    arguments = (_insert_many, template, params, schema)
+    arguments = (_insert_many, template, params, _check_schema(schema))
 
     if hasattr(target, "run_sync"):
         return _run_async(target, *arguments)
@@ -227,9 +229,10 @@ def _check_priority(priority: Any) -> int:
 
 
 def _check_queue(queue: Any) -> str:
-    if not isinstance(queue, str):
-        raise JobError(f"queue must be a name of 1 to 100 characters, got {queue!r}")
-    return _check_text(queue, "the queue name", 100)
+    problem = queue_name_problem(queue)
+    if problem is not None:
+        raise JobError(f"the queue name {problem}")
+    return queue
 
 
 def _check_text(value: str, what: str, limit: int) -> str:
@@ -255,9 +258,21 @@ def _check_key(key: Any) -> str | None:
 
 
 def _check_attempts(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise JobError(f"max_attempts must be an integer of 1 or more, got {value!r}")
+    problem = attempts_problem(value)
+    if problem is not None:
+        raise JobError(problem)
     return value
+
+
+def _check_schema(schema: Any) -> str | None:
+    if schema is None or schema == "":
+        return None
+    if not isinstance(schema, str) or not SQL_IDENTIFIER.match(schema):
+        raise JobError(
+            f"schema must be a plain SQL identifier (letters, digits and "
+            f"underscores, starting with a letter) or None, got {schema!r:.80}"
+        )
+    return schema
 
 
 def _insert(conn: Connection, job: dict[str, Any], schema: str | None) -> int:

@@ -83,11 +83,26 @@ def retry_delay(attempt: int) -> float:
 
 
 def classify(job: ClaimedJob, error: BaseException | None) -> Outcome:
-    """Turn the end of a run (an exception or None) into an Outcome."""
+    """Turn the end of a run (an exception or None) into an Outcome.
+
+    Whatever the task raised, this returns: an error that cannot even be
+    described (its traceback machinery raising) is a failed attempt that
+    says so, never a job left without an outcome.
+    """
+    try:
+        return _classify(job, error)
+    except Exception:  # noqa: BLE001 - see above
+        name = type(error).__name__
+        return _classify(
+            job, RuntimeError(f"the task raised a {name} that could not be described")
+        )
+
+
+def _classify(job: ClaimedJob, error: BaseException | None) -> Outcome:
     if error is None:
         return Outcome(SUCCEEDED)
     if isinstance(error, Cancel):
-        return Outcome(CANCELLED, error=error.reason or str(error))
+        return Outcome(CANCELLED, error=str(error.reason or error))
 
     text, summary = describe(error), summarize(error)
     if job.attempt >= job.max_attempts:
@@ -111,9 +126,15 @@ def unreadable_params(job: ClaimedJob, error: ValueError) -> Outcome:
 
 
 def storable_text(text: str, limit: int = MAX_ERROR_CHARS) -> str:
-    """`text` without NULs and at most about `limit` characters long."""
+    """`text` as every database and driver takes it: no NUL, no lone
+    surrogate (both written as backslash escapes), at most about `limit`
+    characters long."""
     if "\x00" in text:
         text = text.replace("\x00", "\\x00")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
     if len(text) <= limit:
         return text
     head = limit // 4
@@ -124,7 +145,10 @@ def storable_text(text: str, limit: int = MAX_ERROR_CHARS) -> str:
 
 def summarize(error: BaseException) -> str:
     """The error's type and the first line of its message."""
-    message = str(error).strip().split("\n", 1)[0]
+    try:
+        message = str(error).strip().split("\n", 1)[0]
+    except Exception:  # noqa: BLE001 - a task's own __str__ may raise anything
+        message = "<the error's str() failed>"
     name = type(error).__name__
     return f"{name}: {message}" if message else name
 

@@ -29,6 +29,7 @@ from types import ModuleType
 from typing import Any, overload
 
 from dbtasks.clock import MAX_SECONDS
+from dbtasks.config import queue_name_problem
 from dbtasks.errors import ConfigError, DuplicateTask, TaskError, TaskNotFound
 
 logger = logging.getLogger(__name__)
@@ -158,7 +159,7 @@ def task(
             timeout=None
             if timeout is None
             else _check_seconds("timeout", timeout, where, zero_ok=False),
-            queue=_check_name(queue, where, what="queue"),
+            queue=_check_queue(queue, where),
             priority=_check_priority(priority, where),
         )
         declared_tasks[declared.name] = declared
@@ -213,6 +214,13 @@ def _check_name(value: Any, where: str, what: str = "task name") -> str:
     return value
 
 
+def _check_queue(value: Any, where: str) -> str:
+    problem = queue_name_problem(value)
+    if problem is not None:
+        raise TaskError(f"{where}: queue {problem}")
+    return value
+
+
 def _check_scope(value: Any, where: str) -> str:
     if value not in SCOPES:
         raise TaskError(
@@ -241,9 +249,26 @@ def _check_seconds(what: str, value: Any, where: str, zero_ok: bool) -> float:
     return float(value)
 
 
+#: Most attempts a job may have (the jobs table's integer column).
+MAX_ATTEMPTS = 2**31 - 1
+
+
+def attempts_problem(value: Any) -> str | None:
+    """What is wrong with a max_attempts value, or None."""
+    if isinstance(value, bool) or not isinstance(value, int) or not (
+        1 <= value <= MAX_ATTEMPTS
+    ):
+        return (
+            f"max_attempts must be an integer from 1 to {MAX_ATTEMPTS:,}, "
+            f"got {value!r}"
+        )
+    return None
+
+
 def _check_attempts(value: Any, where: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise TaskError(f"{where}: max_attempts must be an integer of 1 or more")
+    problem = attempts_problem(value)
+    if problem is not None:
+        raise TaskError(f"{where}: {problem}")
     return value
 
 
@@ -407,7 +432,11 @@ def run_inline(
     """Run a task now, in this process, without the database; return its result.
 
     A coroutine task is run with `asyncio.run`, so call this outside an event
-    loop; inside one, `await task.fn(params, context)` instead.
+    loop; inside one, `await task.fn(params, context)` instead. Its timeout
+    holds: past it, the coroutine is cancelled and TimeoutError raised. A
+    plain function runs on the caller's thread, which nothing can stop from
+    outside, so it runs to its end (`dbtasks run` stops one at its timeout
+    with SIGALRM).
     """
     if context is None:
         context = JobContext(
@@ -422,9 +451,23 @@ def run_inline(
         try:
             asyncio.get_running_loop()
         except RuntimeError:
-            return asyncio.run(task_or_fn.fn(params, context))
+            return asyncio.run(_within_timeout(task_or_fn, params, context))
         raise TaskError(
             f"task {task_or_fn.name!r} is async and an event loop is running: "
             "await task.fn(params, context) instead of run_inline"
         )
     return task_or_fn.fn(params, context)
+
+
+async def _within_timeout(task: Task, params: Any, context: JobContext) -> Any:
+    try:
+        return await asyncio.wait_for(task.fn(params, context), timeout=task.timeout)
+    except asyncio.TimeoutError as error:
+        if not isinstance(error.__cause__, asyncio.CancelledError):
+            raise  # the task's own TimeoutError
+        raise TimeoutError(timeout_message(task)) from None
+
+
+def timeout_message(task: Task) -> str:
+    """What a run past the task's timeout fails with, wherever it ran."""
+    return f"task {task.name} ran past its timeout of {task.timeout:g}s"

@@ -72,7 +72,7 @@ from dbtasks.outcomes import (
     unreadable_params,
 )
 from dbtasks.params import decode_params
-from dbtasks.tasks import JobContext, Registry, Task
+from dbtasks.tasks import JobContext, Registry, Task, timeout_message
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +89,15 @@ RESCUE_INTERVAL = 1.0
 #: Seconds a timed-out plain function may keep running on its abandoned thread
 #: before the worker retires (see Worker._retire_if_stuck).
 ABANDONED_THREAD_LIMIT = 10.0
+
+#: Seconds past its timeout a cancelled coroutine gets to end before the worker
+#: fails its job anyway: one that swallows the cancellation, or blocks the event
+#: loop, must not hold its slot and its job for good.
+ASYNC_CANCEL_GRACE = 1.0
+
+#: What a database raises for a value it will not store (not for the
+#: connection): a type refused, a constraint violated, text it cannot encode.
+REFUSED_VALUES = (DataError, IntegrityError, UnicodeError)
 
 #: Longest wait between retries of the loop while the database is down.
 MAX_OUTAGE_BACKOFF = 15.0
@@ -375,11 +384,17 @@ class Worker:
         self._wait()
 
     def _wait(self) -> None:
-        """Sleep until a run ends, a job is enqueued (NOTIFY), the next poll, or
-        the next rescue or maintenance pass."""
+        """Sleep until a run ends, a job is enqueued (NOTIFY), the next poll,
+        the next rescue or maintenance pass, or a running job's deadline."""
         duty = min(self._next_rescue if self._lifeline else math.inf,
-                   self._next_maintenance)
+                   self._next_maintenance, self._earliest_deadline())
         self._wake.wait(max(min(self._next_poll, duty) - time.monotonic(), 0.005))
+
+    def _earliest_deadline(self) -> float:
+        with self._lock:
+            deadlines = [running.deadline for running in self._running.values()
+                         if running.deadline is not None]
+        return min(deadlines, default=math.inf)
 
     def _held_tokens(self) -> list[str]:
         """The lease tokens of every job this worker holds (for the heartbeat).
@@ -506,7 +521,7 @@ class Worker:
             with self.engine.begin() as conn:
                 owned = self._record(conn, ended)
                 claimed = self._claim(conn, free) if free else []
-        except (DataError, IntegrityError) as exc:
+        except REFUSED_VALUES as exc:
             # The database refused a value, not the connection: one outcome
             # it will never take would fail every batch it is in, and the
             # worker would retry them as an outage for good. Record them one
@@ -515,7 +530,7 @@ class Worker:
                 "recording %d outcomes together failed (%s); recording them "
                 "one by one",
                 len(ended),
-                _first_line(exc.orig),
+                _first_line(exc),
                 extra={"event": "worker.recording_refused", "node": self.node},
             )
             owned, claimed = self._record_one_by_one(ended), []
@@ -538,7 +553,7 @@ class Worker:
                 with self.engine.begin() as conn:
                     owned |= self._record(conn, [(running, outcome)])
                 continue
-            except (DataError, IntegrityError) as exc:
+            except REFUSED_VALUES as exc:
                 refusal = exc
             job = running.job
             logger.error(
@@ -547,26 +562,26 @@ class Worker:
                 outcome.kind,
                 job.task,
                 job.id,
-                _first_line(refusal.orig),
+                _first_line(refusal),
                 extra={"event": "job.outcome_refused", **running.fields(self.node)},
             )
             failure = Outcome(
                 FAILED,
                 error=(
                     f"dbtasks could not record this job's outcome ({outcome.kind}): "
-                    f"the database refused it: {_first_line(refusal.orig)}"
+                    f"the database refused it: {_first_line(refusal)}"
                 ),
             )
             try:
                 with self.engine.begin() as conn:
                     owned |= self._record(conn, [(running, failure)])
-            except (DataError, IntegrityError) as exc:
+            except REFUSED_VALUES as exc:
                 logger.error(
                     "the database refused the failure of %s job %s as well: %s; "
                     "its lease will expire and it runs again",
                     job.task,
                     job.id,
-                    _first_line(exc.orig),
+                    _first_line(exc),
                     extra={"event": "job.outcome_refused", **running.fields(self.node)},
                 )
         return owned
@@ -765,8 +780,9 @@ class Worker:
             return
 
         task = running.task
-        if task.timeout is not None and not task.is_async:
-            running.deadline = running.started + task.timeout
+        if task.timeout is not None:
+            grace = ASYNC_CANCEL_GRACE if task.is_async else 0.0
+            running.deadline = running.started + task.timeout + grace
         running.run = Run(
             task.fn,
             task.is_async,
@@ -878,12 +894,13 @@ class Worker:
             )
 
     def _enforce_timeouts(self) -> None:
-        """Fail plain-function jobs past their timeout and free their slots.
+        """Fail jobs past their timeout and free their slots.
 
         A thread cannot be stopped from outside, so the function keeps running
         on its abandoned thread; what it then tries to record is refused, and
         if it does not end soon the worker retires (_retire_if_stuck).
-        `async def` tasks are cancelled by the executor instead.
+        `async def` tasks are cancelled by the executor at their timeout; one
+        still running ASYNC_CANCEL_GRACE later is failed here the same way.
         """
         now = time.monotonic()
         with self._lock:
@@ -898,14 +915,14 @@ class Worker:
             thread = running.run.thread if running.run else None
             if thread is not None:
                 self._abandoned.append((thread, now))
-            timeout = TimeoutError(
-                f"task {running.task.name} ran past its timeout of "
-                f"{running.task.timeout:g}s"
-            )
+            timeout = TimeoutError(timeout_message(running.task))
             self._end(running, classify(running.job, timeout))
             logger.warning(
-                "job %s timed out; its thread cannot be stopped and keeps running",
+                "job %s timed out; %s",
                 running.job.id,
+                "it did not end when cancelled, and what it does next is dropped"
+                if running.task.is_async
+                else "its thread cannot be stopped and keeps running",
                 extra={"event": "job.timed_out", **running.fields(self.node)},
             )
 
@@ -1008,8 +1025,11 @@ class Worker:
 
 
 def _first_line(error: BaseException) -> str:
-    # Not the rest: PostgreSQL's DETAIL repeats the refused row, values and all.
-    return str(error).split("\n", 1)[0]
+    """The first line of the driver's message (of a DBAPIError: its original).
+
+    Not the rest: PostgreSQL's DETAIL repeats the refused row, values and all.
+    """
+    return str(getattr(error, "orig", error)).split("\n", 1)[0]
 
 
 def _last_line(error: str | None) -> str:

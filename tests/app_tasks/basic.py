@@ -72,6 +72,25 @@ async def short_timeout_async(params, context):
     record_run(context, "end")
 
 
+@task(name="stubborn_async", timeout=0.5, max_attempts=1)
+async def stubborn_async(params, context):
+    """Run past a half-second timeout and swallow every cancellation."""
+    record_run(context, "start")
+    while True:
+        try:
+            await asyncio.sleep(params.get("sleep", 3))
+        except asyncio.CancelledError:
+            continue
+
+
+@task(name="blocking_async", timeout=0.5, max_attempts=1)
+async def blocking_async(params, context):
+    """Run past a half-second timeout blocking the event loop, which no
+    cancellation can interrupt."""
+    record_run(context, "start")
+    time.sleep(params.get("sleep", 3))
+
+
 @task(name="broadcast", scope="all")
 def broadcast(params, context):
     """Run once on every live node."""

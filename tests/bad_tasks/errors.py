@@ -30,3 +30,22 @@ def raise_huge(params, context):
 def raise_refused(params, context):
     """Fail with an error the test's check constraint refuses to store."""
     raise ValueError(REFUSED_MARK)
+
+
+@task(name="raise_surrogate", max_attempts=1)
+def raise_surrogate(params, context):
+    """Fail with a lone surrogate in the message: no UTF-8 encoder takes it."""
+    raise ValueError("lone \ud800 surrogate")
+
+
+class Unprintable(Exception):
+    """An exception whose message cannot be read."""
+
+    def __str__(self):
+        raise RuntimeError("__str__ itself fails")
+
+
+@task(name="raise_unprintable", max_attempts=1)
+def raise_unprintable(params, context):
+    """Fail with an exception whose str() raises."""
+    raise Unprintable()

@@ -411,14 +411,21 @@ def test_error_texts_are_stored_with_nuls_escaped_and_a_huge_one_cut(
         nul = enqueue(conn, errors.raise_nul)
         cancelled = enqueue(conn, errors.cancel_nul)
         huge = enqueue(conn, errors.raise_huge)
+        surrogate = enqueue(conn, errors.raise_surrogate)
+        unprintable = enqueue(conn, errors.raise_unprintable)
         fine = enqueue(conn, echo_params, {"after": "them"})
     worker = start_worker(database_url, tasks=BAD_TASKS)
 
     for job_id, state in ((nul, "failed"), (cancelled, "cancelled"),
-                          (huge, "failed"), (fine, "succeeded")):
+                          (huge, "failed"), (surrogate, "failed"),
+                          (unprintable, "failed"), (fine, "succeeded")):
         wait_for_state(engine, job_id, state)
 
     assert job_row(engine, nul).last_error.endswith("ValueError: bad\\x00byte")
+    assert job_row(engine, surrogate).last_error.endswith(
+        "ValueError: lone \\ud800 surrogate")
+    assert job_row(engine, unprintable).last_error.endswith(
+        "Unprintable: <exception str() failed>")
     assert job_row(engine, cancelled).last_error == "stop\\x00here"
     huge_error = job_row(engine, huge).last_error
     assert len(huge_error) < MAX_ERROR_CHARS + 100
@@ -505,6 +512,21 @@ def test_a_worker_refuses_timings_it_cannot_keep(sqlite_url, option, value,
     assert error_line(result.returncode, result.stdout, result.stderr) == (
         f"error: {message}"
     )
+
+
+@pytest.mark.parametrize(
+    ("queues", "message"),
+    [
+        ("q" * 101, "must be a name of 1 to 100 characters"),
+        ("a,,b", "name at least one queue, and no empty queue names"),
+    ],
+    ids=["too-long", "empty"],
+)
+def test_a_worker_refuses_queue_names_no_job_can_have(sqlite_url, queues, message):
+    result = cli("worker", "--queues", queues, database_url=sqlite_url)
+
+    line = error_line(result.returncode, result.stdout, result.stderr)
+    assert line.startswith("error: ") and message in line
 
 
 def test_a_worker_on_an_unreachable_server_exits_with_one_line():
@@ -700,9 +722,20 @@ CATALOGUE: list[tuple[str, list[str]]] = [
         "test_tasks::test_a_retry_delay_beyond_ten_years_or_not_a_number_is_"
         "refused",
         "test_tasks::test_bad_settings_are_refused_where_the_function_is"]),
+    ("queue names no worker can serve: too long, empty, with a comma", [
+        "test_bad_inputs::test_a_worker_refuses_queue_names_no_job_can_have",
+        "test_enqueue::test_the_queue_name_is_stored_and_an_unservable_one_refused",
+        "test_tasks::test_bad_settings_are_refused_where_the_function_is"]),
+    ("max_attempts beyond its column, a schema that is not a name", [
+        "test_enqueue::test_max_attempts_beyond_the_column_and_a_schema_not_a_name_"
+        "are_refused"]),
+    ("an async task that swallows its cancellation or blocks the event loop", [
+        "test_worker::test_an_async_task_that_will_not_stop_at_its_timeout_is_"
+        "failed_anyway"]),
     ("worker timings too short, too long, negative, NaN or infinite", [
         "test_bad_inputs::test_a_worker_refuses_timings_it_cannot_keep"]),
-    ("a task error with a NUL byte, or a million characters long", [
+    ("a task error with a NUL, a lone surrogate, a million characters, or a "
+     "str() that raises", [
         "test_bad_inputs::test_error_texts_are_stored_with_nuls_escaped_and_a_huge_"
         "one_cut"]),
     ("an outcome the database refuses to store", [

@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
@@ -169,7 +170,19 @@ def outcome_tasks(tmp_path: Path) -> Path:
         "    raise Retry(delay=5)\n\n"
         "@task\n"
         "def fails(params, context):\n"
-        "    raise RuntimeError('failed on purpose')\n"
+        "    raise RuntimeError('failed on purpose')\n\n"
+        "@task\n"
+        "def exits(params, context):\n"
+        "    import sys\n"
+        "    sys.exit(3)\n\n"
+        "@task(timeout=0.5)\n"
+        "def hangs(params, context):\n"
+        "    import time\n"
+        "    time.sleep(60)\n\n"
+        "@task(timeout=0.5)\n"
+        "async def hangs_async(params, context):\n"
+        "    import asyncio\n"
+        "    await asyncio.sleep(60)\n"
     )
     return folder
 
@@ -177,7 +190,8 @@ def outcome_tasks(tmp_path: Path) -> Path:
 @pytest.mark.parametrize(
     ("task", "line"),
     [("cancels", "task cancels cancelled: not needed any more"),
-     ("retries", "task retries asked to be retried: retry requested by the task")],
+     ("retries", "task retries asked to be retried: retry requested by the task"),
+     ("exits", "task exits called sys.exit(3)")],
 )
 def test_run_of_a_task_that_cancels_or_retries_says_so_in_one_line(
     outcome_tasks, task, line
@@ -193,6 +207,19 @@ def test_run_of_a_failing_task_shows_its_traceback(outcome_tasks):
     assert (result.returncode, result.stdout) == (1, "")
     assert result.stderr.startswith("Traceback (most recent call last):")
     assert result.stderr.rstrip().endswith("RuntimeError: failed on purpose")
+
+
+@pytest.mark.parametrize("task", ["hangs", "hangs_async"])
+def test_run_stops_a_task_at_its_timeout(outcome_tasks, task):
+    started = time.monotonic()
+    result = cli("run", task, tasks=outcome_tasks)
+
+    assert time.monotonic() - started < 20  # not the task's minute
+    assert (result.returncode, result.stdout) == (1, "")
+    assert result.stderr.rstrip().endswith(
+        f"TimeoutError: task {task} ran past its timeout of 0.5s"
+    )
+
 
 # --- bad inputs -----------------------------------------------------------------
 

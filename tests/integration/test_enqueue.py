@@ -470,13 +470,37 @@ def test_priority_bounds_are_stored_and_beyond_them_refused(app, engine):
     assert [(row[0], row[4]) for row in job_rows(engine)] == [(low, -100), (high, 100)]
 
 
-def test_the_queue_name_is_stored_and_an_empty_one_refused(app, engine):
+def test_the_queue_name_is_stored_and_an_unservable_one_refused(app, engine):
     with app.begin() as conn:
         job_id = enqueue(conn, noop, queue="emails")
-        with pytest.raises(JobError, match="queue name must be 1 to 100 characters"):
-            enqueue(conn, noop, queue="")
+        for wrong in ("", "q" * 101):
+            with pytest.raises(
+                JobError, match="queue name must be a name of 1 to 100 characters"
+            ):
+                enqueue(conn, noop, queue=wrong)
+        with pytest.raises(JobError, match="has a comma, which separates names"):
+            enqueue(conn, noop, queue="emails,reports")
 
     assert [(row[0], row[3]) for row in job_rows(engine)] == [(job_id, "emails")]
+
+
+def test_max_attempts_beyond_the_column_and_a_schema_not_a_name_are_refused(
+    app, engine
+):
+    with app.begin() as conn:
+        with pytest.raises(
+            JobError, match="max_attempts must be an integer from 1 to 2,147,483,647"
+        ):
+            enqueue(conn, noop, max_attempts=2**40)
+        for wrong in (5, "bad-name", "x; DROP TABLE t"):
+            with pytest.raises(JobError, match="schema must be a plain SQL identifier"):
+                enqueue(conn, noop, schema=wrong)
+        with pytest.raises(JobError, match="schema must be a plain SQL identifier"):
+            enqueue_many(conn, noop, [{}], schema=5)
+        # The transaction is still usable: nothing reached the database.
+        job_id = enqueue(conn, noop, max_attempts=2**31 - 1)
+
+    assert [(row[0], row[5]) for row in job_rows(engine)] == [(job_id, 2**31 - 1)]
 
 
 # --- params ----------------------------------------------------------------

@@ -241,6 +241,30 @@ def test_a_timeout_is_a_failed_attempt_and_frees_the_slot(
     assert (tick_run - first_start).total_seconds() < 3.0
 
 
+@pytest.mark.parametrize("task", [basic.stubborn_async, basic.blocking_async])
+def test_an_async_task_that_will_not_stop_at_its_timeout_is_failed_anyway(
+    database_url, engine, start_worker, task
+):
+    worker = start_worker(database_url, "--concurrency", "1")
+    with engine.begin() as conn:
+        late = enqueue(conn, task, {"sleep": 4})
+        tick = enqueue(conn, faults.tick)
+
+    wait_for_state(engine, late, "failed")
+    wait_for_state(engine, tick, "succeeded")
+
+    row = job_row(engine, late)
+    assert row.attempt == 1
+    assert row.last_error.endswith(
+        f"TimeoutError: task {task.name} ran past its timeout of 0.5s"
+    )
+    # The slot came back after the timeout and its grace, not at the task's end.
+    [started] = run_times(engine, late)
+    [tick_run] = run_times(engine, tick, "run")
+    assert (tick_run - started).total_seconds() < 3.0
+    worker.wait_for_output(f"job {late} timed out; it did not end when cancelled")
+
+
 # --- unknown tasks ----------------------------------------------------------
 
 

@@ -114,11 +114,16 @@ def test_no_timeout_and_a_float_frequency_are_accepted():
         ({"frequency": 1e308}, "frequency must be at most 3.16224e+08 seconds (ten "
          "years), got 1e+308"),
         ({"timeout": timedelta(days=4000)}, "timeout must be at most"),
-        ({"max_attempts": 0}, "max_attempts must be an integer of 1 or more"),
-        ({"max_attempts": 2.0}, "max_attempts must be an integer of 1 or more"),
+        ({"max_attempts": 0}, "max_attempts must be an integer from 1 to "
+         "2,147,483,647, got 0"),
+        ({"max_attempts": 2.0}, "max_attempts must be an integer from 1 to"),
+        ({"max_attempts": 2**31}, "max_attempts must be an integer from 1 to "
+         "2,147,483,647, got 2147483648"),
         ({"priority": 101}, "priority must be -100 to 100, got 101"),
         ({"priority": "1"}, "priority must be an integer, got '1'"),
-        ({"queue": ""}, "queue must be 1 to 200 characters"),
+        ({"queue": ""}, "queue must be a name of 1 to 100 characters"),
+        ({"queue": "q" * 101}, "queue must be a name of 1 to 100 characters"),
+        ({"queue": "a,b"}, "has a comma, which separates names in --queues"),
         ({"name": " padded "}, "has surrounding spaces or control characters"),
         ({"name": "tab\there"}, "has surrounding spaces or control characters"),
         ({"name": "x" * 201}, "task name must be 1 to 200 characters"),
@@ -126,8 +131,9 @@ def test_no_timeout_and_a_float_frequency_are_accepted():
     ids=["scope", "scope-none", "negative-frequency", "negative-timedelta",
          "string-frequency", "bool-frequency", "infinite-frequency",
          "nan-frequency", "zero-timeout", "huge-frequency", "huge-timeout",
-         "zero-attempts", "float-attempts",
-         "priority-range", "priority-type", "empty-queue", "padded-name",
+         "zero-attempts", "float-attempts", "huge-attempts",
+         "priority-range", "priority-type", "empty-queue", "long-queue",
+         "comma-queue", "padded-name",
          "control-name", "long-name"],
 )
 def test_bad_settings_are_refused_where_the_function_is(settings, message):
