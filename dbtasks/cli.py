@@ -19,7 +19,7 @@ import click
 
 from dbtasks import commands, logs
 from dbtasks.config import DEFAULT_DATABASE_URL, Config, config_from_env
-from dbtasks.errors import Cancel, DbtasksError, Retry
+from dbtasks.errors import Cancel, DbtasksError, JobError, Retry
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -194,17 +194,22 @@ def _refuse_constant(name: str) -> Any:
 
 
 def _parse_time(text: str | None) -> datetime | None:
-    # A naive time parses here and reaches enqueue, which refuses it and says
-    # how to fix it.
     if text is None:
         return None
     try:
-        return datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+        moment = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
     except ValueError:
         raise click.BadParameter(
             f"{text!r} is not an ISO time such as 2030-01-01T09:00:00+00:00",
             param_hint="--run-at",
         ) from None
+    if moment.tzinfo is None:
+        # enqueue would refuse it too, with advice for Python callers.
+        raise JobError(
+            f"--run-at {text.strip()} is naive: add its UTC offset, such as "
+            f"{moment.isoformat()}+00:00 or {moment.isoformat()}Z"
+        )
+    return moment
 
 
 def _guard(action: Any) -> Any:

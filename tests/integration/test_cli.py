@@ -412,8 +412,9 @@ def test_a_naive_run_at(database_url, engine):
     result = cli("enqueue", "noop", "--run-at", "2030-01-01T09:00:00",
                  database_url=database_url)
 
-    assert_clean_error(result, "run_at 2030-01-01T09:00:00 is naive",
-                       "timezone-aware")
+    assert_clean_error(result, "--run-at 2030-01-01T09:00:00 is naive: add its UTC "
+                       "offset, such as 2030-01-01T09:00:00+00:00 or "
+                       "2030-01-01T09:00:00Z")
     assert sql(engine, "SELECT count(*) FROM dbtasks_jobs") == [(0,)]
 
 
