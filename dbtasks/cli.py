@@ -182,11 +182,22 @@ def list_tasks(config: Config) -> None:
 
 def _parse_json(text: str) -> Any:
     try:
-        return json.loads(text, parse_constant=_refuse_constant)
+        return json.loads(text, parse_constant=_refuse_constant,
+                          object_pairs_hook=_refuse_repeated_keys)
     except ValueError as exc:
         raise click.BadParameter(
             f"not valid JSON: {exc}", param_hint="--params"
         ) from None
+
+
+def _refuse_repeated_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # JSON lets a key repeat and Python keeps the last one: a typo would
+    # silently drop a value.
+    keys = [key for key, _ in pairs]
+    repeated = sorted({key for key in keys if keys.count(key) > 1})
+    if repeated:
+        raise ValueError(f"the key {repeated[0]!r} is given more than once")
+    return dict(pairs)
 
 
 def _refuse_constant(name: str) -> Any:

@@ -277,7 +277,7 @@ def _check_schema(schema: Any) -> str | None:
 
 def _insert(conn: Connection, job: dict[str, Any], schema: str | None) -> int:
     with _schema_errors():
-        return _insert_job(_in_schema(conn, schema), job)
+        return _insert_job(conn, job, _schema_options(conn, schema))
 
 
 def _insert_many(
@@ -286,9 +286,9 @@ def _insert_many(
     if not params:
         return []
     with _schema_errors():
-        conn = _in_schema(conn, schema)
+        options = _schema_options(conn, schema)
         if template["_look_up"]:
-            template = _with_registered_defaults(conn, template)
+            template = _with_registered_defaults(conn, template, options)
         dialect = conn.dialect.name
         statement = queries.insert_jobs(
             dialect, with_run_at=template["run_at"] is not None
@@ -298,16 +298,26 @@ def _insert_many(
             values["params"] = params
         else:
             values["params_json"] = json.dumps(params)
-        ids = sorted(int(job_id) for (job_id,) in conn.execute(statement, values))
+        rows = conn.execute(statement, values, execution_options=options)
+        ids = sorted(int(job_id) for (job_id,) in rows)
         if len(ids) != len(params):
             raise JobError(f"enqueued {len(ids)} jobs of {len(params)}")
         return ids
 
 
-def _in_schema(conn: Connection, schema: str | None) -> Connection:
-    if schema:
-        return conn.execution_options(schema_translate_map={None: schema})
-    return conn
+def _schema_options(conn: Connection, schema: str | None) -> dict[str, Any]:
+    """Execution options that put dbtasks' tables in `schema`, given to each
+    of enqueue's statements.
+
+    Never set on the caller's Connection: SQLAlchemy 2 sets execution
+    options in place, so the application's own tables would move to
+    `schema` for the rest of its transaction.
+    """
+    if not schema:
+        return {}
+    translate = dict(conn.get_execution_options().get("schema_translate_map") or {})
+    translate[None] = schema
+    return {"schema_translate_map": translate}
 
 
 @contextmanager
@@ -324,15 +334,16 @@ def _schema_errors() -> Iterator[None]:
         raise
 
 
-def _insert_job(conn: Connection, job: dict[str, Any]) -> int:
+def _insert_job(conn: Connection, job: dict[str, Any], options: dict[str, Any]
+                ) -> int:
     if job["_look_up"]:
-        job = _with_registered_defaults(conn, job)
+        job = _with_registered_defaults(conn, job, options)
 
     variant = (job["run_at"] is not None, job["idempotency_key"] is not None)
     values = {key: value for key, value in job.items() if not key.startswith("_")}
     driver_connection = _plain_psycopg_connection(conn)
     if driver_connection is not None:
-        statement = _raw_insert(conn, *variant)
+        statement = _raw_insert(conn, options, *variant)
         try:
             rows = statement.execute(driver_connection, values)
         except DBAPIError as exc:
@@ -344,12 +355,13 @@ def _insert_job(conn: Connection, job: dict[str, Any]) -> int:
         insert = queries.insert_job(
             conn.dialect.name, with_run_at=variant[0], idempotent=variant[1]
         )
-        job_id = conn.execute(insert, values).scalar()
+        job_id = conn.execute(insert, values, execution_options=options).scalar()
     if job_id is None:
         # The idempotency key exists: return that job.
         job_id = conn.execute(
             queries.job_id_by_idempotency_key,
             {"idempotency_key": job["idempotency_key"]},
+            execution_options=options,
         ).scalar_one()
     return int(job_id)
 
@@ -393,8 +405,10 @@ _raw_inserts: weakref.WeakKeyDictionary[Any, dict[Any, RawStatement]] = (
 )
 
 
-def _raw_insert(conn: Connection, with_run_at: bool, idempotent: bool) -> RawStatement:
-    translate = conn.get_execution_options().get("schema_translate_map")
+def _raw_insert(conn: Connection, options: dict[str, Any], with_run_at: bool,
+                idempotent: bool) -> RawStatement:
+    translate = options.get("schema_translate_map") or conn.get_execution_options(
+    ).get("schema_translate_map")
     key = (tuple(sorted(translate.items(), key=str)) if translate else None,
            with_run_at, idempotent)
     compiled = _raw_inserts.setdefault(conn.dialect, {})
@@ -414,14 +428,16 @@ def _is_missing_table(exc: DBAPIError) -> bool:
     return code == "42P01" or "no such table" in str(exc.orig)
 
 
-def _with_registered_defaults(conn: Connection, job: dict[str, Any]) -> dict[str, Any]:
+def _with_registered_defaults(
+    conn: Connection, job: dict[str, Any], options: dict[str, Any]
+) -> dict[str, Any]:
     """Fill what the caller left out from a worker's registration of the task.
 
     A name no worker registered is refused, unless the caller said the task is
     yet to be deployed; then dbtasks' defaults apply.
     """
     registered: dict[str, Any] | None = None
-    for (tasks,) in conn.execute(queries.registered_tasks):
+    for (tasks,) in conn.execute(queries.registered_tasks, execution_options=options):
         registered = json.loads(tasks).get(job["task"])
         if registered is not None:
             break

@@ -380,8 +380,9 @@ def test_a_wrong_password_on_migrate_is_one_line(password_postgres):
 
 INVALID_JSON = pytest.mark.parametrize(
     "params, expected",
-    [("{bad", "not valid JSON"), ('{"x": NaN}', "NaN is not allowed in params")],
-    ids=["broken", "nan"],
+    [("{bad", "not valid JSON"), ('{"x": NaN}', "NaN is not allowed in params"),
+     ('{"a": 1, "b": {"c": 2, "c": 3}}', "the key 'c' is given more than once")],
+    ids=["broken", "nan", "repeated-key"],
 )
 
 

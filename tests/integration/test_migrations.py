@@ -16,10 +16,27 @@ import psycopg
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import Engine, create_engine, inspect, text
+from sqlalchemy import (
+    Column,
+    Engine,
+    Integer,
+    MetaData,
+    Table,
+    create_engine,
+    insert,
+    inspect,
+    text,
+)
 from sqlalchemy.engine import make_url
 
-from dbtasks import DbtasksError, SchemaError, commands, enqueue, migrate
+from dbtasks import (
+    DbtasksError,
+    SchemaError,
+    commands,
+    enqueue,
+    enqueue_many,
+    migrate,
+)
 from dbtasks.config import Config, config_from_env
 from dbtasks.database import create_queue_engine
 from dbtasks.schema import PREFIX, VERSION_TABLE, metadata
@@ -197,6 +214,32 @@ def test_an_application_schema_translate_map_places_the_job(new_database):
         app.dispose()
 
     assert stored == [(job_id, '{"tenant":1}')]
+
+
+def test_enqueue_into_a_schema_leaves_the_application_tables_where_they_are(
+    new_database,
+):
+    # SQLAlchemy 2 sets a Connection's execution options in place: enqueue's
+    # schema must go with its own statements only, not stay on the caller's
+    # connection and move the application's tables into the queue's schema.
+    url = new_database("postgresql")
+    commands.migrate(config_for(url, schema="queue_space"))
+    app = create_engine(url)
+    orders = Table("orders", MetaData(), Column("id", Integer, primary_key=True))
+    orders.metadata.create_all(app)
+    try:
+        for many in (False, True):
+            with app.begin() as conn:
+                if many:
+                    enqueue_many(conn, noop, [{}], schema="queue_space")
+                else:
+                    enqueue(conn, noop, schema="queue_space")
+                conn.execute(insert(orders))
+                assert conn.get_execution_options().get("schema_translate_map") is None
+        assert sql(app, "SELECT count(*) FROM public.orders") == [(2,)]
+        assert sql(app, "SELECT count(*) FROM queue_space.dbtasks_jobs") == [(2,)]
+    finally:
+        app.dispose()
 
 
 # --- the revision check ------------------------------------------------------
