@@ -110,8 +110,10 @@ def compatible_from(connection: Connection, schema: str | None) -> str | None:
     """The oldest revision whose code may run on this schema (schema.schema_info)."""
     info = schema_info.c
     query = select(info.value).where(info.key == "compatible_from")
-    connection = connection.execution_options(schema_translate_map={None: schema})
-    return connection.execute(query).scalar()
+    # For this statement only: Connection.execution_options would change the
+    # connection in place for whatever it runs next.
+    options = {"schema_translate_map": {None: schema}}
+    return connection.execute(query, execution_options=options).scalar()
 
 
 def require_current_schema(engine: Engine, schema: str | None) -> None:
