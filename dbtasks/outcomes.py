@@ -48,10 +48,11 @@ class Outcome:
     """How a run ended. `delay` is in seconds and only used by a retry.
 
     The texts are made storable as the outcome is made, whatever the task
-    raised: a NUL, which PostgreSQL text refuses, is written as `\\x00`, and
-    an error longer than MAX_ERROR_CHARS is cut in its middle. An outcome the
-    database refused would otherwise never be recorded, and would hold up the
-    worker's other outcomes with it.
+    raised: a NUL, which PostgreSQL text refuses, and a lone surrogate, which
+    no UTF-8 encoder takes, are written as backslash escapes (`\\x00`,
+    `\\ud800`), and an error longer than MAX_ERROR_CHARS is cut in its
+    middle. An outcome the database refused would otherwise never be
+    recorded, and would hold up the worker's other outcomes with it.
     """
 
     kind: str
