@@ -90,6 +90,13 @@ RESCUE_INTERVAL = 1.0
 #: before the worker retires (see Worker._retire_if_stuck).
 ABANDONED_THREAD_LIMIT = 10.0
 
+#: Successes logged one by one at INFO in a second; past that they are
+#: counted, and one line at the end of the second says how many. A quiet
+#: worker logs every job; a busy one keeps a readable log, and does not spend
+#: a tenth of its rate writing it (tools/benchmark.py, W2). Every outcome
+#: stays in the jobs table, and failures are all logged.
+SUCCESS_LINES_PER_SECOND = 20
+
 #: Seconds past its timeout a cancelled coroutine gets to end before the worker
 #: fails its job anyway: one that swallows the cancellation, or blocks the event
 #: loop, must not hold its slot and its job for good.
@@ -188,6 +195,11 @@ class Worker:
         self._next_housekeeping = 0.0
         self._outage = False
         self._abandoned: list[tuple[threading.Thread, float]] = []
+        # The success lines of the current second (SUCCESS_LINES_PER_SECOND).
+        self._success_log = threading.Lock()
+        self._success_second = 0.0  # when the current second ends (monotonic)
+        self._success_lines = 0
+        self._unlogged_successes = 0
         #: Set when the worker stopped because a timed-out thread would not
         #: end; the CLI then starts the process afresh (cli.worker).
         self.retired = False
@@ -698,6 +710,8 @@ class Worker:
 
     def _maintain_if_due(self) -> None:
         now = time.monotonic()
+        if self._unlogged_successes and now >= self._success_second:
+            self._log_unlogged_successes()
         if self._lifeline is not None and now >= self._next_rescue:
             # Frequent, so one cheap statement: are there jobs of a worker
             # whose lifeline is gone? Only then the rescue's transaction.
@@ -852,6 +866,8 @@ class Worker:
         if outcome.kind == SUCCEEDED and not logger.isEnabledFor(logging.INFO):
             return
 
+        if outcome.kind == SUCCEEDED and not self._success_line_allowed():
+            return
         duration_ms = round((time.monotonic() - running.started) * 1000, 1)
         extra = {**running.fields(self.node), "duration_ms": duration_ms}
         if outcome.kind == SUCCEEDED:
@@ -893,6 +909,41 @@ class Worker:
                 outcome.error,
                 extra={"event": f"job.{outcome.kind}", **extra},
             )
+
+    def _success_line_allowed(self) -> bool:
+        """Whether this second still has room for a success line; if not,
+        the success is counted, to be said at the second's end."""
+        with self._success_log:
+            self._end_success_second()
+            if self._success_lines < SUCCESS_LINES_PER_SECOND:
+                self._success_lines += 1
+                return True
+            self._unlogged_successes += 1
+            return False
+
+    def _log_unlogged_successes(self, now: bool = False) -> None:
+        """Say how many successes were not logged one by one, once their
+        second is over, or `now` (at shutdown)."""
+        with self._success_log:
+            self._end_success_second(force=now)
+
+    def _end_success_second(self, force: bool = False) -> None:
+        """Under _success_log: once the second is over (or if forced), log the
+        count of its unlogged successes and start a new second."""
+        now = time.monotonic()
+        if now < self._success_second and not force:
+            return
+        if self._unlogged_successes:
+            logger.info(
+                "%d more jobs succeeded, past the %d logged one by one a second",
+                self._unlogged_successes,
+                SUCCESS_LINES_PER_SECOND,
+                extra={"event": "job.succeeded_count", "node": self.node,
+                       "count": self._unlogged_successes},
+            )
+            self._unlogged_successes = 0
+        self._success_second = now + 1.0
+        self._success_lines = 0
 
     def _enforce_timeouts(self) -> None:
         """Fail jobs past their timeout and free their slots.
@@ -980,6 +1031,7 @@ class Worker:
 
         self._hand_back_all()
         self._guarded_once(self._record_ended)
+        self._log_unlogged_successes(now=True)
         if self._heartbeat is not None:
             self._heartbeat.stop()
         self._guarded_once(self._deregister)

@@ -4,14 +4,18 @@ database: job rows, and the test_runs rows the tasks write as they run."""
 
 from __future__ import annotations
 
+import re
+import signal
+from collections import Counter
 from datetime import timedelta
 
 import pytest
 from sqlalchemy import select
 
-from dbtasks import enqueue
+from dbtasks import enqueue, enqueue_many
 from dbtasks.clock import utcnow
 from dbtasks.schema import completions, jobs
+from dbtasks.worker import SUCCESS_LINES_PER_SECOND
 from tests.app_tasks import basic, faults
 from tests.conftest import PERIODIC_TASKS, sql, wait_for
 from tests.runs import runs
@@ -263,6 +267,33 @@ def test_an_async_task_that_will_not_stop_at_its_timeout_is_failed_anyway(
     [tick_run] = run_times(engine, tick, "run")
     assert (tick_run - started).total_seconds() < 3.0
     worker.wait_for_output(f"job {late} timed out; it did not end when cancelled")
+
+
+# --- logging ----------------------------------------------------------------
+
+
+def test_a_busy_worker_logs_some_successes_one_by_one_and_counts_the_rest(
+    pg_url, engine_pg, start_worker
+):
+    with engine_pg.begin() as conn:
+        enqueue_many(conn, basic.noop, [{}] * 1000)
+    worker = start_worker(pg_url)
+    wait_for(lambda: sql(engine_pg, "SELECT count(*) FROM dbtasks_jobs "
+                         "WHERE state = 'succeeded'") == [(1000,)],
+             message="the 1,000 jobs to succeed")
+    worker.signal(signal.SIGTERM)
+    worker.wait()
+
+    lines = worker.output.splitlines()
+    one_by_one = [line for line in lines if " succeeded in " in line]
+    counted = [int(match.group(1)) for line in lines
+               if (match := re.search(r"INFO .*: (\d+) more jobs succeeded", line))]
+    assert len(one_by_one) + sum(counted) == 1000
+    assert counted  # 1,000 no-op jobs take well under 50 seconds
+    # At most SUCCESS_LINES_PER_SECOND a second; a second of the worker's
+    # straddles two seconds of the log's clock.
+    per_log_second = Counter(line[:19] for line in one_by_one)
+    assert max(per_log_second.values()) <= 2 * SUCCESS_LINES_PER_SECOND
 
 
 # --- unknown tasks ----------------------------------------------------------
