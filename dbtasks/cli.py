@@ -20,6 +20,7 @@ import click
 from dbtasks import commands, logs
 from dbtasks.config import DEFAULT_DATABASE_URL, Config, config_from_env
 from dbtasks.errors import Cancel, DbtasksError, JobError, Retry
+from dbtasks.outcomes import summarize
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -160,10 +161,11 @@ def run(config: Config, task: str, params: str) -> None:
     values = _parse_json(params)
     found = _guard(lambda: commands.load_task(config, task))
     try:
-        result = commands.run_task(found, values)
+        result = commands.run_task(found, values, own_process=True)
     except (Cancel, Retry) as outcome:
         kind = "cancelled" if isinstance(outcome, Cancel) else "asked to be retried"
-        click.echo(f"task {task} {kind}: {outcome}", err=True)
+        reason = summarize(outcome).partition(": ")[2]
+        click.echo(f"task {task} {kind}: {reason}", err=True)
         sys.exit(1)
     except SystemExit as exited:
         click.echo(f"task {task} called sys.exit({exited.code!r})", err=True)

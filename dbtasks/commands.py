@@ -7,7 +7,9 @@ API cannot drift apart.
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,7 +24,7 @@ from dbtasks.database import create_queue_engine
 from dbtasks.errors import DatabaseError
 from dbtasks.jobs import enqueue as enqueue_job
 from dbtasks.tasks import Registry, Task, load_tasks, run_inline, timeout_message
-from dbtasks.worker import Worker
+from dbtasks.worker import ASYNC_CANCEL_GRACE, Worker
 
 logger = logging.getLogger(__name__)
 
@@ -87,12 +89,16 @@ def load_task(config: Config, name: str) -> Task:
     return load_tasks(config.tasks_path).get(name)
 
 
-def run_task(task: Task, params: Any = None) -> Any:
+def run_task(task: Task, params: Any = None, *, own_process: bool = False) -> Any:
     """Run a loaded task inline and return its result.
 
-    The task's timeout holds for a plain function too: on the main thread,
-    a SIGALRM at the timeout raises TimeoutError inside it.
+    With `own_process` (`dbtasks run`, whose process this is), the timeout
+    holds for a plain function too, and for a coroutine that will not be
+    cancelled: on the main thread a SIGALRM raises TimeoutError inside the
+    function, or ends the process after a coroutine.
     """
+    if not own_process:
+        return run_inline(task, params)
     with _alarm_at_timeout(task):
         return run_inline(task, params)
 
@@ -101,7 +107,6 @@ def run_task(task: Task, params: Any = None) -> Any:
 def _alarm_at_timeout(task: Task) -> Iterator[None]:
     usable = (
         task.timeout is not None
-        and not task.is_async  # run_inline bounds coroutines itself
         and hasattr(signal, "setitimer")
         and threading.current_thread() is threading.main_thread()
     )
@@ -110,10 +115,20 @@ def _alarm_at_timeout(task: Task) -> Iterator[None]:
         return
 
     def ring(signum: int, frame: Any) -> None:
+        if task.is_async:
+            # Raised into the event loop, the error would have asyncio.run
+            # cancel the coroutine again and wait for it, for good: end the
+            # process, as a worker retires to end a stuck thread.
+            sys.stderr.write(f"TimeoutError: {timeout_message(task)}\n")
+            sys.stderr.flush()
+            os._exit(1)
         raise TimeoutError(timeout_message(task))
 
+    # run_inline cancels a coroutine at its timeout; the alarm, a grace
+    # later, ends one that swallowed the cancellation or blocks its loop.
+    grace = ASYNC_CANCEL_GRACE if task.is_async else 0.0
     previous = signal.signal(signal.SIGALRM, ring)
-    signal.setitimer(signal.ITIMER_REAL, task.timeout)
+    signal.setitimer(signal.ITIMER_REAL, task.timeout + grace)
     try:
         yield
     finally:

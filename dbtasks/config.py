@@ -31,6 +31,16 @@ MAX_QUEUE_NAME = 100
 SQL_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 
 
+def is_encodable(text: str) -> bool:
+    """Whether `text` has a UTF-8 form: no lone surrogate (as "\\ud800" in
+    Python source, or an undecodable byte read with surrogateescape)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def queue_name_problem(name: object) -> str | None:
     """What is wrong with a queue name, or None: the one rule for a queue
     named in @task, in enqueue and in `dbtasks worker --queues`."""
@@ -38,6 +48,8 @@ def queue_name_problem(name: object) -> str | None:
         return f"must be a name of 1 to {MAX_QUEUE_NAME} characters, got {name!r:.80}"
     if name != name.strip() or any(ord(char) < 32 for char in name):
         return f"{name!r:.80} has surrounding spaces or control characters"
+    if not is_encodable(name):
+        return f"{name!r:.80} has a lone surrogate, which no database can store"
     if "," in name:
         # --queues takes a comma-separated list: no worker could serve it.
         return f"{name!r:.80} has a comma, which separates names in --queues"

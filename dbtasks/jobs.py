@@ -25,7 +25,12 @@ from sqlalchemy.orm import Session
 
 from dbtasks import queries
 from dbtasks.clock import MAX_SECONDS
-from dbtasks.config import DEFAULT_QUEUE, SQL_IDENTIFIER, queue_name_problem
+from dbtasks.config import (
+    DEFAULT_QUEUE,
+    SQL_IDENTIFIER,
+    is_encodable,
+    queue_name_problem,
+)
 from dbtasks.database import RawStatement
 from dbtasks.errors import JobError, SchemaError, TaskNotFound
 from dbtasks.params import encode_params
@@ -125,6 +130,13 @@ def enqueue_many(
         max_attempts=max_attempts,
         not_yet_deployed=not_yet_deployed,
     )
+    if isinstance(params_list, (str, bytes, dict)) or not isinstance(
+        params_list, Iterable
+    ):
+        raise JobError(
+            "enqueue_many takes a list of params values, one per job, got "
+            f"{type(params_list).__name__}; for one job, use enqueue"
+        )
     params = [encode_params(value) for value in params_list]
     if schema is _UNSET:
         schema = os.environ.get("DBTASKS_SCHEMA") or None
@@ -243,6 +255,9 @@ def _check_text(value: str, what: str, limit: int) -> str:
             f"{what} {value!r:.80} has surrounding spaces or control characters; "
             "names must be plain text"
         )
+    if not is_encodable(value):
+        raise JobError(f"{what} {value!r:.80} has a lone surrogate; names must be "
+                       "plain text")
     return value
 
 

@@ -93,9 +93,15 @@ def classify(job: ClaimedJob, error: BaseException | None) -> Outcome:
     try:
         return _classify(job, error)
     except Exception:  # noqa: BLE001 - see above
-        name = type(error).__name__
+        try:
+            name = f"a {type(error).__name__}"
+        except Exception:  # noqa: BLE001 - even its class's name may raise
+            name = "an error"
+        if isinstance(error, Cancel):
+            return Outcome(CANCELLED, error=f"cancelled with a reason that {name} "
+                           "could not turn into text")
         return _classify(
-            job, RuntimeError(f"the task raised a {name} that could not be described")
+            job, RuntimeError(f"the task raised {name} that could not be described")
         )
 
 
@@ -150,7 +156,10 @@ def summarize(error: BaseException) -> str:
         message = str(error).strip().split("\n", 1)[0]
     except Exception:  # noqa: BLE001 - a task's own __str__ may raise anything
         message = "<the error's str() failed>"
-    name = type(error).__name__
+    try:
+        name = type(error).__name__
+    except Exception:  # noqa: BLE001 - and so may its class's __name__
+        name = "<an error whose class name failed>"
     return f"{name}: {message}" if message else name
 
 

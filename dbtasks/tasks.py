@@ -29,7 +29,7 @@ from types import ModuleType
 from typing import Any, overload
 
 from dbtasks.clock import MAX_SECONDS
-from dbtasks.config import queue_name_problem
+from dbtasks.config import is_encodable, queue_name_problem
 from dbtasks.errors import ConfigError, DuplicateTask, TaskError, TaskNotFound
 
 logger = logging.getLogger(__name__)
@@ -154,7 +154,7 @@ def task(
             fn=fn,
             description=description if description is not None else _summary(fn),
             scope=_check_scope(scope, where),
-            frequency=_check_seconds("frequency", frequency, where, zero_ok=True),
+            frequency=_check_frequency(frequency, where),
             max_attempts=_check_attempts(max_attempts, where),
             timeout=None
             if timeout is None
@@ -211,6 +211,8 @@ def _check_name(value: Any, where: str, what: str = "task name") -> str:
         raise TaskError(
             f"{where}: {what} {value!r} has surrounding spaces or control characters"
         )
+    if not is_encodable(value):
+        raise TaskError(f"{where}: {what} {value!r} has a lone surrogate")
     return value
 
 
@@ -228,6 +230,21 @@ def _check_scope(value: Any, where: str) -> str:
             f"(every live node runs it), got {value!r}"
         )
     return str(value)
+
+
+#: Shortest period of a periodic task: each run enqueues the next, and a
+#: period near zero would fill the jobs table as fast as workers can write.
+MIN_FREQUENCY = 0.1
+
+
+def _check_frequency(value: Any, where: str) -> float:
+    seconds = _check_seconds("frequency", value, where, zero_ok=True)
+    if 0 < seconds < MIN_FREQUENCY:
+        raise TaskError(
+            f"{where}: frequency must be 0 (run only when enqueued) or at least "
+            f"{MIN_FREQUENCY:g} seconds, got {value!r}"
+        )
+    return seconds
 
 
 def _check_seconds(what: str, value: Any, where: str, zero_ok: bool) -> float:

@@ -69,6 +69,7 @@ from dbtasks.outcomes import (
     Outcome,
     classify,
     recording,
+    summarize,
     unreadable_params,
 )
 from dbtasks.params import decode_params
@@ -813,6 +814,16 @@ class Worker:
 
     def _on_run_ended(self, running: RunningJob, error: BaseException | None) -> None:
         """Called on the run's thread: hand the outcome to the loop."""
+        if running.recorded and error is not None:
+            logger.warning(
+                "%s job %s raised after its transaction committed, which recorded "
+                "it as succeeded; the error is not recorded: %s",
+                running.job.task,
+                running.job.id,
+                summarize(error),
+                extra={"event": "job.raised_after_commit",
+                       **running.fields(self.node)},
+            )
         self._end(running, None if running.recorded else classify(running.job, error))
 
     def _end(self, running: RunningJob, outcome: Outcome | None) -> None:
@@ -901,7 +912,7 @@ class Worker:
             level = logging.ERROR if outcome.kind == "failed" else logging.WARNING
             logger.log(
                 level,
-                "%s job %s %s after %d attempts:\n%s",
+                "%s job %s %s after %d attempt(s):\n%s",
                 job.task,
                 job.id,
                 outcome.kind,

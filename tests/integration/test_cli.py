@@ -182,7 +182,19 @@ def outcome_tasks(tmp_path: Path) -> Path:
         "@task(timeout=0.5)\n"
         "async def hangs_async(params, context):\n"
         "    import asyncio\n"
-        "    await asyncio.sleep(60)\n"
+        "    await asyncio.sleep(60)\n\n"
+        "@task(timeout=0.5)\n"
+        "async def swallows(params, context):\n"
+        "    import asyncio\n"
+        "    for _ in range(60):\n"
+        "        try:\n"
+        "            await asyncio.sleep(1)\n"
+        "        except asyncio.CancelledError:\n"
+        "            pass\n\n"
+        "@task(timeout=0.5)\n"
+        "async def blocks_loop(params, context):\n"
+        "    import time\n"
+        "    time.sleep(60)\n"
     )
     return folder
 
@@ -209,7 +221,7 @@ def test_run_of_a_failing_task_shows_its_traceback(outcome_tasks):
     assert result.stderr.rstrip().endswith("RuntimeError: failed on purpose")
 
 
-@pytest.mark.parametrize("task", ["hangs", "hangs_async"])
+@pytest.mark.parametrize("task", ["hangs", "hangs_async", "swallows", "blocks_loop"])
 def test_run_stops_a_task_at_its_timeout(outcome_tasks, task):
     started = time.monotonic()
     result = cli("run", task, tasks=outcome_tasks)

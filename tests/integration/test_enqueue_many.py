@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta, timezone
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, text
 
 from dbtasks import enqueue_many
 from dbtasks.errors import InvalidParams, JobError
@@ -67,3 +67,14 @@ def test_an_empty_list_enqueues_nothing(engine):
     with engine.begin() as conn:
         assert enqueue_many(conn, noop, []) == []
     assert sql(engine, "SELECT count(*) FROM dbtasks_jobs") == [(0,)]
+
+
+@pytest.mark.parametrize("params_list", ["abc", {"a": 1}, b"ab", 5],
+                         ids=["str", "dict", "bytes", "int"])
+def test_params_list_must_be_a_list_of_values(engine, params_list):
+    with engine.begin() as conn:
+        with pytest.raises(JobError, match="enqueue_many takes a list of params"):
+            enqueue_many(conn, noop, params_list)
+
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM dbtasks_jobs")).scalar() == 0

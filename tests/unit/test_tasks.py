@@ -127,6 +127,10 @@ def test_no_timeout_and_a_float_frequency_are_accepted():
         ({"name": " padded "}, "has surrounding spaces or control characters"),
         ({"name": "tab\there"}, "has surrounding spaces or control characters"),
         ({"name": "x" * 201}, "task name must be 1 to 200 characters"),
+        ({"name": "bad\ud800"}, "has a lone surrogate"),
+        ({"queue": "q\ud800"}, "has a lone surrogate"),
+        ({"frequency": 1e-9}, "frequency must be 0 (run only when enqueued) or at "
+         "least 0.1 seconds, got 1e-09"),
     ],
     ids=["scope", "scope-none", "negative-frequency", "negative-timedelta",
          "string-frequency", "bool-frequency", "infinite-frequency",
@@ -134,7 +138,8 @@ def test_no_timeout_and_a_float_frequency_are_accepted():
          "zero-attempts", "float-attempts", "huge-attempts",
          "priority-range", "priority-type", "empty-queue", "long-queue",
          "comma-queue", "padded-name",
-         "control-name", "long-name"],
+         "control-name", "long-name", "surrogate-name", "surrogate-queue",
+         "tiny-frequency"],
 )
 def test_bad_settings_are_refused_where_the_function_is(settings, message):
     def bad(params, context):
