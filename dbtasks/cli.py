@@ -195,10 +195,11 @@ def _parse_json(text: str) -> Any:
 def _refuse_repeated_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     # JSON lets a key repeat and Python keeps the last one: a typo would
     # silently drop a value.
-    keys = [key for key, _ in pairs]
-    repeated = sorted({key for key in keys if keys.count(key) > 1})
-    if repeated:
-        raise ValueError(f"the key {repeated[0]!r} is given more than once")
+    seen: set[str] = set()
+    for key, _ in pairs:
+        if key in seen:
+            raise ValueError(f"the key {key!r} is given more than once")
+        seen.add(key)
     return dict(pairs)
 
 
