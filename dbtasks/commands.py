@@ -114,15 +114,17 @@ def _alarm_at_timeout(task: Task) -> Iterator[None]:
         yield
         return
 
+    message = timeout_message(task.name, task.timeout)
+
     def ring(signum: int, frame: Any) -> None:
         if task.is_async:
             # Raised into the event loop, the error would have asyncio.run
             # cancel the coroutine again and wait for it, for good: end the
             # process, as a worker retires to end a stuck thread.
-            sys.stderr.write(f"TimeoutError: {timeout_message(task)}\n")
+            sys.stderr.write(f"TimeoutError: {message}\n")
             sys.stderr.flush()
             os._exit(1)
-        raise TimeoutError(timeout_message(task))
+        raise TimeoutError(message)
 
     # run_inline cancels a coroutine at its timeout; the alarm, a grace
     # later, ends one that swallowed the cancellation or blocks its loop.

@@ -28,6 +28,8 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
+from dbtasks.tasks import timeout_message
+
 logger = logging.getLogger(__name__)
 
 #: How a run ended: None if the task returned, else what it raised.
@@ -187,9 +189,7 @@ async def _bounded(run: Run) -> Any:
     except asyncio.TimeoutError as error:
         if not isinstance(error.__cause__, asyncio.CancelledError):
             raise  # the task's own TimeoutError, a failure like any other
-        timeout = TimeoutError(
-            f"task {run.context.task} ran past its timeout of {run.timeout:g}s"
-        )
+        timeout = TimeoutError(timeout_message(run.context.task, run.timeout))
         raise _Escaped(timeout) from None
 
 

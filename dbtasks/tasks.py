@@ -482,9 +482,9 @@ async def _within_timeout(task: Task, params: Any, context: JobContext) -> Any:
     except asyncio.TimeoutError as error:
         if not isinstance(error.__cause__, asyncio.CancelledError):
             raise  # the task's own TimeoutError
-        raise TimeoutError(timeout_message(task)) from None
+        raise TimeoutError(timeout_message(task.name, task.timeout)) from None
 
 
-def timeout_message(task: Task) -> str:
+def timeout_message(task: str, timeout: float | None) -> str:
     """What a run past the task's timeout fails with, wherever it ran."""
-    return f"task {task.name} ran past its timeout of {task.timeout:g}s"
+    return f"task {task} ran past its timeout of {timeout:g}s"

@@ -978,7 +978,9 @@ class Worker:
             thread = running.run.thread if running.run else None
             if thread is not None:
                 self._abandoned.append((thread, now))
-            timeout = TimeoutError(timeout_message(running.task))
+            timeout = TimeoutError(
+                timeout_message(running.task.name, running.task.timeout)
+            )
             self._end(running, classify(running.job, timeout))
             logger.warning(
                 "job %s timed out; %s",
