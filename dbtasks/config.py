@@ -24,8 +24,9 @@ DEFAULT_DATABASE_URL = "sqlite:///dbtasks.sqlite3"
 #: The queue a job goes to when none is named.
 DEFAULT_QUEUE = "default"
 
-#: Longest queue name (the jobs table's column).
+#: Longest queue name and task name (the jobs table's columns).
 MAX_QUEUE_NAME = 100
+MAX_TASK_NAME = 200
 
 #: A schema name, as PostgreSQL takes one unquoted.
 SQL_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
@@ -41,19 +42,35 @@ def is_encodable(text: str) -> bool:
     return True
 
 
-def queue_name_problem(name: object) -> str | None:
-    """What is wrong with a queue name, or None: the one rule for a queue
-    named in @task, in enqueue and in `dbtasks worker --queues`."""
-    if not isinstance(name, str) or not 1 <= len(name) <= MAX_QUEUE_NAME:
-        return f"must be a name of 1 to {MAX_QUEUE_NAME} characters, got {name!r:.80}"
-    if name != name.strip() or any(ord(char) < 32 for char in name):
+#: What no name may hold: ASCII control characters (NUL among them).
+_CONTROL_CHARACTER = re.compile(r"[\x00-\x1f]")
+
+
+def name_problem(name: object, limit: int) -> str | None:
+    """What is wrong with a name of a task or a queue, or None: the one rule,
+    wherever a name is given (@task, enqueue, `dbtasks worker --queues`).
+
+    A name is 1 to `limit` characters of plain text: no surrounding spaces,
+    no control characters, no lone surrogate (which no database can store).
+    The caller says which name it is and raises its own error.
+    """
+    if not isinstance(name, str) or not 1 <= len(name) <= limit:
+        return f"must be a name of 1 to {limit} characters, got {name!r:.80}"
+    if name != name.strip() or _CONTROL_CHARACTER.search(name):
         return f"{name!r:.80} has surrounding spaces or control characters"
     if not is_encodable(name):
         return f"{name!r:.80} has a lone surrogate, which no database can store"
-    if "," in name:
+    return None
+
+
+def queue_name_problem(name: object) -> str | None:
+    """What is wrong with a queue name, or None: a name (name_problem) of up
+    to MAX_QUEUE_NAME characters, without a comma."""
+    problem = name_problem(name, MAX_QUEUE_NAME)
+    if problem is None and "," in name:  # type: ignore[operator] # a str by now
         # --queues takes a comma-separated list: no worker could serve it.
         return f"{name!r:.80} has a comma, which separates names in --queues"
-    return None
+    return problem
 
 
 def parse_database_url(raw: str) -> URL:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 import weakref
-from collections.abc import Awaitable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta
 from typing import Any, overload
@@ -27,8 +27,9 @@ from dbtasks import queries
 from dbtasks.clock import MAX_SECONDS
 from dbtasks.config import (
     DEFAULT_QUEUE,
+    MAX_TASK_NAME,
     SQL_IDENTIFIER,
-    is_encodable,
+    name_problem,
     queue_name_problem,
 )
 from dbtasks.database import RawStatement
@@ -183,25 +184,33 @@ def _prepare(
     if not isinstance(name, str) or not name:
         raise JobError(f"the task must be a Task or a task name, got {task!r}")
     if known is None:
-        _check_text(name, "the task name", 200)
+        problem = name_problem(name, MAX_TASK_NAME)
+        if problem is not None:
+            raise JobError(f"the task name {problem}")
 
     # What the caller leaves out comes from the task: from its definition if
-    # this process loaded it, else from a worker's registration (_insert_job).
-    if known is not None:
-        priority = known.priority if priority is None else priority
-        queue = known.queue if queue is None else queue
-        max_attempts = known.max_attempts if max_attempts is None else max_attempts
+    # this process loaded it (checked there, by @task), else from a worker's
+    # registration (_insert_job).
     return {
         "task": name,
         "params": encode_params(params),
         "run_at": _check_run_at(run_at),
-        "priority": None if priority is None else _check_priority(priority),
-        "queue": None if queue is None else _check_queue(queue),
+        "priority": _given_or_default(
+            priority, _check_priority, getattr(known, "priority", None)
+        ),
+        "queue": _given_or_default(queue, _check_queue, getattr(known, "queue", None)),
         "idempotency_key": _check_key(idempotency_key),
-        "max_attempts": None if max_attempts is None else _check_attempts(max_attempts),
+        "max_attempts": _given_or_default(
+            max_attempts, _check_attempts, getattr(known, "max_attempts", None)
+        ),
         "_look_up": known is None,
         "_must_be_registered": known is None and not not_yet_deployed,
     }
+
+
+def _given_or_default(value: Any, check: Callable[[Any], Any], default: Any) -> Any:
+    """`value` checked, or, where the caller left it out, `default`."""
+    return default if value is None else check(value)
 
 
 def _resolve(task: Task | str) -> Task | None:
@@ -245,20 +254,6 @@ def _check_queue(queue: Any) -> str:
     if problem is not None:
         raise JobError(f"the queue name {problem}")
     return queue
-
-
-def _check_text(value: str, what: str, limit: int) -> str:
-    if not 1 <= len(value) <= limit:
-        raise JobError(f"{what} must be 1 to {limit} characters, got {value!r:.80}")
-    if value != value.strip() or any(ord(char) < 32 for char in value):
-        raise JobError(
-            f"{what} {value!r:.80} has surrounding spaces or control characters; "
-            "names must be plain text"
-        )
-    if not is_encodable(value):
-        raise JobError(f"{what} {value!r:.80} has a lone surrogate; names must be "
-                       "plain text")
-    return value
 
 
 def _check_key(key: Any) -> str | None:
@@ -309,12 +304,9 @@ def _insert_many(
             dialect, with_run_at=template["run_at"] is not None
         )
         values = {k: v for k, v in template.items() if not k.startswith("_")}
-        if dialect == "postgresql":
-            values["params"] = params
-        else:
-            values["params_json"] = json.dumps(params)
+        values["params_json"] = json.dumps(params)
         rows = conn.execute(statement, values, execution_options=options)
-        ids = sorted(int(job_id) for (job_id,) in rows)
+        ids = sorted(rows.scalars().all())
         if len(ids) != len(params):
             raise JobError(f"enqueued {len(ids)} jobs of {len(params)}")
         return ids

@@ -29,7 +29,7 @@ from types import ModuleType
 from typing import Any, overload
 
 from dbtasks.clock import MAX_SECONDS
-from dbtasks.config import is_encodable, queue_name_problem
+from dbtasks.config import MAX_TASK_NAME, name_problem, queue_name_problem
 from dbtasks.errors import ConfigError, DuplicateTask, TaskError, TaskNotFound
 
 logger = logging.getLogger(__name__)
@@ -204,15 +204,10 @@ def _summary(fn: Callable[..., Any]) -> str:
     return doc.strip().splitlines()[0] if doc.strip() else ""
 
 
-def _check_name(value: Any, where: str, what: str = "task name") -> str:
-    if not isinstance(value, str) or not value.strip() or len(value) > 200:
-        raise TaskError(f"{where}: {what} must be 1 to 200 characters, got {value!r}")
-    if value != value.strip() or any(ord(char) < 32 for char in value):
-        raise TaskError(
-            f"{where}: {what} {value!r} has surrounding spaces or control characters"
-        )
-    if not is_encodable(value):
-        raise TaskError(f"{where}: {what} {value!r} has a lone surrogate")
+def _check_name(value: Any, where: str) -> str:
+    problem = name_problem(value, MAX_TASK_NAME)
+    if problem is not None:
+        raise TaskError(f"{where}: task name {problem}")
     return value
 
 

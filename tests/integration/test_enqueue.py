@@ -177,7 +177,8 @@ def test_an_application_on_another_postgresql_driver(pg_url, driver):
 def test_a_bulk_enqueue_through_each_postgresql_driver(pg_url, driver):
     app = create_engine(app_url(pg_url, sync_driver=driver))
     queue = create_engine(app_url(pg_url))
-    params = [{"n": n, "quote": "it's", "text": "é\x00"} for n in range(3)]
+    params = [{"n": n, "quote": "it's", "text": "é\x00", "escapes": "a\\b\"c\\u0000"}
+              for n in range(3)]
     try:
         with app.begin() as conn:
             ids = enqueue_many(conn, noop, params)

@@ -126,7 +126,7 @@ def test_no_timeout_and_a_float_frequency_are_accepted():
         ({"queue": "a,b"}, "has a comma, which separates names in --queues"),
         ({"name": " padded "}, "has surrounding spaces or control characters"),
         ({"name": "tab\there"}, "has surrounding spaces or control characters"),
-        ({"name": "x" * 201}, "task name must be 1 to 200 characters"),
+        ({"name": "x" * 201}, "task name must be a name of 1 to 200 characters"),
         ({"name": "bad\ud800"}, "has a lone surrogate"),
         ({"queue": "q\ud800"}, "has a lone surrogate"),
         ({"frequency": 1e-9}, "frequency must be 0 (run only when enqueued) or at "
