@@ -116,10 +116,11 @@ def enqueue_many(
     """Enqueue one job per params value in the caller's transaction; return the ids.
 
     The bulk form of `enqueue`, for thousands of jobs at once: every params
-    value is checked first, then the rows go in a few multi-row INSERTs
-    (PostgreSQL takes at most 65,535 bound values per statement), and the ids
-    come back in the order of `params_list`. The other options apply to every
-    job; idempotency keys are for one job at a time (use `enqueue`).
+    value is checked first, then the rows go in one INSERT that takes all
+    the params texts as one value (queries.insert_jobs: no limit of bound
+    values to split the batch at), and the ids come back in the order of
+    `params_list`. The other options apply to every job; idempotency keys
+    are for one job at a time (use `enqueue`).
     """
     template = _prepare(
         task,
