@@ -28,6 +28,9 @@ DEFAULT_QUEUE = "default"
 MAX_QUEUE_NAME = 100
 MAX_TASK_NAME = 200
 
+#: Longest node name (the nodes table's column).
+MAX_NODE_NAME = 200
+
 #: A schema name, as PostgreSQL takes one unquoted.
 SQL_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 
@@ -180,8 +183,11 @@ class Config:
         # second a worker would spend itself renewing them.
         self._check_at_least(1.0, "lease_seconds", "node_timeout")
         self._check_at_least(0.0, "shutdown_grace", "retention")
-        if self.node_name is not None and not 1 <= len(self.node_name) <= 200:
-            raise ConfigError("a node name must be 1 to 200 characters long")
+        if self.node_name is not None:
+            # Written to the nodes table and into every line the worker logs.
+            problem = name_problem(self.node_name, MAX_NODE_NAME)
+            if problem is not None:
+                raise ConfigError(f"the node name (--node) {problem}")
 
     def _check_at_least(self, least: float, *names: str) -> None:
         for name in names:

@@ -28,7 +28,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
-from dbtasks.tasks import timeout_message
+from dbtasks.tasks import plain_result, timeout_message
 
 logger = logging.getLogger(__name__)
 
@@ -159,7 +159,7 @@ class Executor:
 def _call(run: Run) -> BaseException | None:
     """Call a plain function; return what it raised, or None."""
     try:
-        run.fn(run.params, run.context)
+        plain_result(run.context.task, run.fn(run.params, run.context))
     except BaseException as error:  # noqa: B036 - a task's sys.exit is its failure
         return error
     return None

@@ -468,7 +468,26 @@ def run_inline(
             f"task {task_or_fn.name!r} is async and an event loop is running: "
             "await task.fn(params, context) instead of run_inline"
         )
-    return task_or_fn.fn(params, context)
+    return plain_result(task_or_fn.name, task_or_fn.fn(params, context))
+
+
+def plain_result(task: str, result: Any) -> Any:
+    """What a plain function's run returned; a TaskError if it returned a
+    coroutine, which nothing would ever await: the task's work never ran.
+
+    A sync wrapper around an async function does this (a decorator without
+    async def, a lambda). Without this check the job would succeed having
+    done nothing.
+    """
+    if inspect.isawaitable(result):
+        if inspect.iscoroutine(result):
+            result.close()  # never to run: without Python's "never awaited"
+        raise TaskError(
+            f"task {task} is a plain function that returned "
+            f"{type(result).__name__} unawaited, so its work never ran; declare "
+            "it with async def, or await the call inside it"
+        )
+    return result
 
 
 async def _within_timeout(task: Task, params: Any, context: JobContext) -> Any:

@@ -32,6 +32,7 @@ from dbtasks.outcomes import MAX_ERROR_CHARS
 from tests.app_tasks import faults
 from tests.bad_tasks import errors
 from tests.bad_tasks.echo import echo_params
+from tests.bad_tasks.unawaited import wrapped_async
 from tests.conftest import ROOT, sql, wait_for
 from tests.runs import app_metadata
 
@@ -474,6 +475,27 @@ def test_an_outcome_the_database_refuses_is_recorded_as_a_failure_saying_so(
     assert "database unavailable" not in worker.output
 
 
+def test_a_plain_function_returning_a_coroutine_fails_rather_than_succeeding(
+    database_url, engine, start_worker
+):
+    """Nothing would await the coroutine: recorded as a success, the job's work
+    would be lost without a word."""
+    with engine.begin() as conn:
+        unawaited = enqueue(conn, wrapped_async)
+        after = enqueue(conn, echo_params, {"after": "it"})
+    worker = start_worker(database_url, tasks=BAD_TASKS)
+
+    wait_for_state(engine, unawaited, "failed")
+    wait_for_state(engine, after, "succeeded")
+    assert job_row(engine, unawaited).last_error.endswith(
+        "TaskError: task wrapped_async is a plain function that returned coroutine "
+        "unawaited, so its work never ran; declare it with async def, or await "
+        "the call inside it"
+    )
+    assert "never awaited" not in worker.output
+    assert worker.process.poll() is None
+
+
 # --- command-line values ----------------------------------------------------------
 
 
@@ -512,6 +534,26 @@ def test_a_worker_refuses_timings_it_cannot_keep(sqlite_url, option, value,
     assert error_line(result.returncode, result.stdout, result.stderr) == (
         f"error: {message}"
     )
+
+
+@pytest.mark.parametrize(
+    ("node", "message"),
+    [
+        ("n" * 201, "the node name (--node) must be a name of 1 to 200 characters"),
+        ("tab\there", "the node name (--node) 'tab\\there' has surrounding spaces "
+         "or control characters"),
+        (" padded", "the node name (--node) ' padded' has surrounding spaces or "
+         "control characters"),
+    ],
+    ids=["too-long", "control-character", "padded"],
+)
+def test_a_worker_refuses_a_node_name_its_logs_and_rows_cannot_hold(
+    sqlite_url, node, message
+):
+    result = cli("worker", "--node", node, database_url=sqlite_url)
+
+    line = error_line(result.returncode, result.stdout, result.stderr)
+    assert line.startswith(f"error: {message}")
 
 
 @pytest.mark.parametrize(
@@ -741,6 +783,13 @@ CATALOGUE: list[tuple[str, list[str]]] = [
     ("an outcome the database refuses to store", [
         "test_bad_inputs::test_an_outcome_the_database_refuses_is_recorded_as_a_"
         "failure_saying_so"]),
+    ("a plain function that returns a coroutine instead of running it", [
+        "test_bad_inputs::test_a_plain_function_returning_a_coroutine_fails_rather_"
+        "than_succeeding",
+        "test_tasks::test_run_inline_refuses_a_coroutine_a_plain_function_returned"]),
+    ("a node name too long, padded or with control characters", [
+        "test_bad_inputs::test_a_worker_refuses_a_node_name_its_logs_and_rows_"
+        "cannot_hold"]),
     ("a job whose stored params are not valid JSON", [
         "test_security::test_hostile_rows_in_the_jobs_table_run_nothing_outside_"
         "the_registry",

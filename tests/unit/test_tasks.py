@@ -541,6 +541,26 @@ def test_an_async_task_inside_a_running_loop_asks_for_await():
         asyncio.run(inside())
 
 
+def test_run_inline_refuses_a_coroutine_a_plain_function_returned(recwarn):
+    reached = []
+
+    async def work() -> None:
+        reached.append(True)
+
+    wrapper = task(name=f"unit_wrapper_{uuid.uuid4().hex[:6]}")(
+        lambda params, context: work()
+    )
+
+    with pytest.raises(TaskError, match=(
+        r"is a plain function that returned coroutine unawaited, so its work "
+        r"never ran; declare it with async def"
+    )):
+        run_inline(wrapper)
+    assert reached == []
+    # Closed, not left for the garbage collector to warn about.
+    assert not [w for w in recwarn if "never awaited" in str(w.message)]
+
+
 def test_an_inline_context_has_no_transaction():
     @task(name="unit_wants_transaction")
     def wants(params, context):
