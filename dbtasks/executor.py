@@ -14,7 +14,9 @@ cancelled at their timeout.
 
 LIMITATION: a coroutine that blocks (time.sleep, a synchronous driver) stops
 every other coroutine of the worker while it blocks; run blocking code in a
-plain function task.
+plain function task. The loop beats (`last_loop_beat`), so that the worker
+can tell a loop blocked past a timeout from a coroutine that only ignores
+its cancellation, and start afresh (Worker._retire_if_stuck).
 """
 
 from __future__ import annotations
@@ -31,6 +33,9 @@ from typing import Any
 from dbtasks.tasks import plain_result, timeout_message
 
 logger = logging.getLogger(__name__)
+
+#: Seconds between the event loop's beats: a loop that misses them is blocked.
+LOOP_BEAT = 0.5
 
 #: How a run ended: None if the task returned, else what it raised.
 Done = Callable[[BaseException | None], None]
@@ -77,6 +82,7 @@ class Executor:
         self._threads: set[threading.Thread] = set()
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_beat: float | None = None  # monotonic time of the last beat
         self._serial = 0
         with self._lock:
             for _ in range(threads):
@@ -102,6 +108,11 @@ class Executor:
                 self._threads.discard(run.thread)
                 self._start_thread()
         return True
+
+    def last_loop_beat(self) -> float | None:
+        """When the event loop last ran its beat (time.monotonic), or None if
+        no coroutine has run yet. Older than LOOP_BEAT: something blocks it."""
+        return self._loop_beat
 
     def stop(self) -> None:
         """Let the pool's threads end once they are idle; stop the event loop."""
@@ -153,7 +164,12 @@ class Executor:
                 while not loop.is_running():
                     time.sleep(0.001)
                 self._loop = loop
+                loop.call_soon_threadsafe(self._beat, loop)
             return self._loop
+
+    def _beat(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop_beat = time.monotonic()
+        loop.call_later(LOOP_BEAT, self._beat, loop)
 
 
 def _call(run: Run) -> BaseException | None:

@@ -87,8 +87,9 @@ PRUNE_TIME_BUDGET = 0.25
 #: Seconds between rescues of jobs whose worker is known dead (PostgreSQL).
 RESCUE_INTERVAL = 1.0
 
-#: Seconds a timed-out plain function may keep running on its abandoned thread
-#: before the worker retires (see Worker._retire_if_stuck).
+#: Seconds a timed-out plain function may keep running on its abandoned thread,
+#: or a timed-out coroutine keep the event loop blocked, before the worker
+#: retires (see Worker._retire_if_stuck).
 ABANDONED_THREAD_LIMIT = 10.0
 
 #: Successes logged one by one at INFO in a second; past that they are
@@ -196,6 +197,9 @@ class Worker:
         self._next_housekeeping = 0.0
         self._outage = False
         self._abandoned: list[tuple[threading.Thread, float]] = []
+        # When a coroutine was last failed at its deadline, until the event
+        # loop shows it is not blocked (_retire_if_stuck).
+        self._async_abandoned_at: float | None = None
         # The success lines of the current second (SUCCESS_LINES_PER_SECOND).
         self._success_log = threading.Lock()
         self._success_second = 0.0  # when the current second ends (monotonic)
@@ -978,6 +982,8 @@ class Worker:
             thread = running.run.thread if running.run else None
             if thread is not None:
                 self._abandoned.append((thread, now))
+            if running.task.is_async:
+                self._async_abandoned_at = now
             timeout = TimeoutError(
                 timeout_message(running.task.name, running.task.timeout)
             )
@@ -1006,17 +1012,30 @@ class Worker:
         claiming, gives its other jobs the shutdown grace, hands back the rest
         and, under the CLI, starts again in place (same PID and arguments).
         """
-        if not self._abandoned:
+        if not self._abandoned and self._async_abandoned_at is None:
             return
         now = time.monotonic()
         self._abandoned = [(t, since) for t, since in self._abandoned if t.is_alive()]
         stuck = [since for _, since in self._abandoned
                  if now - since > ABANDONED_THREAD_LIMIT]
+        what = "a timed-out task has kept running"
+        if not stuck and self._async_abandoned_at is not None:
+            # The same for the event loop, which every coroutine of the worker
+            # shares: one blocking it would stall them all for good.
+            assert self._executor is not None
+            beat = self._executor.last_loop_beat()
+            if beat is None or beat > self._async_abandoned_at:
+                self._async_abandoned_at = None  # it runs: only that coroutine hangs
+            elif now - self._async_abandoned_at > ABANDONED_THREAD_LIMIT:
+                stuck = [self._async_abandoned_at]
+                what = ("a timed-out async task has blocked the event loop, and with "
+                        "it every async job,")
         if not stuck or self._stopping.is_set():
             return
         logger.error(
-            "a timed-out task has kept running %.0fs past its timeout and cannot be "
-            "stopped; retiring this worker: it finishes its other jobs, then restarts",
+            "%s %.0fs past its timeout and cannot be stopped; retiring this worker: "
+            "it finishes its other jobs, then restarts",
+            what,
             now - min(stuck),
             extra={"event": "worker.retiring", "node": self.node},
         )

@@ -14,3 +14,12 @@ def hangs(params, context):
     record_run(context, "start")
     time.sleep(60)
     record_run(context, "end")
+
+
+@task(name="hangs_async", timeout=0.5, max_attempts=1)
+async def hangs_async(params, context):
+    """Start, then block the event loop for a minute (time.sleep in a
+    coroutine): cancelling it cannot stop it, and no other coroutine runs."""
+    record_run(context, "start")
+    time.sleep(60)
+    record_run(context, "end")
