@@ -534,11 +534,15 @@ class Worker:
 
     def _record_and_claim_in_transaction(self, free: int) -> list[ClaimedJob]:
         ended = self._unrecorded
+        recording = True
         try:
             with self.engine.begin() as conn:
                 owned = self._record(conn, ended)
+                recording = False
                 claimed = self._claim(conn, free) if free else []
         except REFUSED_VALUES as exc:
+            if not recording:
+                raise  # refused by the claim, not by an outcome: the loop's guard's
             # The database refused a value, not the connection: one outcome
             # it will never take would fail every batch it is in, and the
             # worker would retry them as an outage for good. Record them one
@@ -550,7 +554,8 @@ class Worker:
                 _first_line(exc),
                 extra={"event": "worker.recording_refused", "node": self.node},
             )
-            owned, claimed = self._record_one_by_one(ended), []
+            ended, owned = self._record_one_by_one(ended)
+            claimed = []
         self._unrecorded = []
         self._next_full_claim = time.monotonic() + self.config.poll_interval
         self._log_outcomes(ended, owned)
@@ -558,12 +563,18 @@ class Worker:
 
     def _record_one_by_one(
         self, ended: list[tuple[RunningJob, Outcome | None]]
-    ) -> set[tuple[int, str | None]]:
+    ) -> tuple[list[tuple[RunningJob, Outcome | None]], set[tuple[int, str | None]]]:
         """Record each outcome in a transaction of its own; one the database
         refuses is recorded as a failure that says why. If even that is
-        refused, the job is left to its lease, and another run."""
+        refused, the job is left to its lease, and another run.
+
+        Returns the outcomes as recorded (to be logged as such), and which
+        jobs this worker still owned.
+        """
         owned: set[tuple[int, str | None]] = set()
+        recorded: list[tuple[RunningJob, Outcome | None]] = []
         for running, outcome in sorted(ended, key=lambda pair: pair[0].job.id):
+            recorded.append((running, outcome))
             if outcome is None:
                 continue
             try:
@@ -589,6 +600,7 @@ class Worker:
                     f"the database refused it: {_first_line(refusal)}"
                 ),
             )
+            recorded[-1] = (running, failure)
             try:
                 with self.engine.begin() as conn:
                     owned |= self._record(conn, [(running, failure)])
@@ -601,7 +613,7 @@ class Worker:
                     _first_line(exc),
                     extra={"event": "job.outcome_refused", **running.fields(self.node)},
                 )
-        return owned
+        return recorded, owned
 
     def _note_idleness(self, idle: bool) -> None:
         """Learn when the next job falls due, and say in the node's row whether

@@ -471,6 +471,11 @@ def test_an_outcome_the_database_refuses_is_recorded_as_a_failure_saying_so(
     )
     assert all(job_row(engine_pg, job_id).last_error.endswith("bad\\x00byte")
                for job_id in others)
+    # The outcome is logged as it was recorded, not as the task ended.
+    worker.wait_for_output(
+        f"raise_refused job {refused} failed after 1 attempt(s):\n"
+        "dbtasks could not record this job's outcome (failed)"
+    )
     assert worker.process.poll() is None
     assert "database unavailable" not in worker.output
 
