@@ -11,8 +11,11 @@ The session does two things:
   about a minute).
 - It LISTENs for new jobs. An insert into the jobs table sends one NOTIFY per
   statement while some node is idle (the trigger in the migrations), and the
-  lifeline wakes the worker's loop, so an idle worker claims a new job within
-  a round trip instead of at its next poll.
+  lifeline tells the worker, so an idle worker claims a new job within a
+  round trip instead of at its next poll. The worker's callback may run its
+  claim here, on this session and thread (`execute`), which the
+  notification has just woken: that is a thread hand-off and a wake-up of a
+  sleeping server process shorter than claiming on the loop's connection.
 
 The thread waits on the session's socket and, when the session is lost, opens
 a new one, takes the lock again and wakes the worker: notifications sent while
@@ -41,6 +44,7 @@ from typing import Any
 from sqlalchemy import Engine
 
 from dbtasks import queries
+from dbtasks.database import RawStatement
 from dbtasks.schema import NOTIFY_CHANNEL
 
 logger = logging.getLogger(__name__)
@@ -94,10 +98,21 @@ class Lifeline(threading.Thread):
             else:
                 self._listen()
 
+    def execute(self, statement: RawStatement, values: dict[str, Any]) -> list[Any]:
+        """Run a statement on the listening session, in autocommit; only from
+        the callback, on this thread. A lost session raises DBAPIError with
+        `connection_invalidated`, and the thread then reconnects."""
+        return statement.execute(self._connection, values)
+
     def _listen(self) -> None:
-        """Wake the worker at each notification, until the session ends."""
+        """Wait a slice for notifications, and tell the worker of them.
+
+        The generator is closed before the callback runs: it holds the
+        session, on which the callback may run a statement. Notifications
+        that arrive in between wait in psycopg's backlog for the next round.
+        """
         try:
-            for _ in self._connection.notifies(timeout=WAIT_SLICE):
+            if list(self._connection.notifies(timeout=WAIT_SLICE, stop_after=1)):
                 self._on_notify()
         except Exception:  # noqa: BLE001 - whatever broke, the answer is to reconnect
             if self._stopped.is_set():

@@ -75,6 +75,47 @@ def test_an_idle_worker_is_woken_by_an_enqueue(pg_url, engine_pg, start_worker):
              message="the notified worker to run the job")
 
 
+def test_jobs_of_every_queue_start_at_once_on_one_notification(
+    pg_url, engine_pg, start_worker
+):
+    # The lifeline claims from the first queue only, then wakes the loop for
+    # the others: the second queue's job must not wait for the first's to end.
+    start_worker(pg_url, "--node", "queues", "--queues", "default,other", *SLOW_POLL)
+    wait_for(lambda: node_is_idle(engine_pg, "queues"), message="the node to idle")
+
+    with engine_pg.begin() as conn:
+        first = enqueue(conn, basic.record, {"sleep": 5})
+        second = enqueue(conn, basic.record, queue="other")
+
+    wait_for(lambda: state(engine_pg, second) == "succeeded", timeout=4,
+             message="the second queue's job to run beside the first's")
+    assert state(engine_pg, first) == "running"
+    # At once, not at the loop's next tick (its rescue pass, once a second).
+    [(gap,)] = sql(engine_pg, "SELECT extract(epoch FROM max(at) - min(at)) FROM "
+                   "test_runs WHERE event = 'start' AND job_id IN (:a, :b)",
+                   a=first, b=second)
+    assert gap < 0.5
+
+
+def test_a_job_claimed_on_notification_still_times_out_on_time(
+    pg_url, engine_pg, start_worker
+):
+    """The idle loop sleeps until its next poll (here a minute), its next
+    rescue pass (a second) or maintenance; a job the lifeline starts
+    meanwhile must wake it at the job's timeout."""
+    start_worker(pg_url, "--node", "timer", "--lease", "60", *SLOW_POLL)
+    wait_for(lambda: node_is_idle(engine_pg, "timer"), message="the node to idle")
+
+    with engine_pg.begin() as conn:
+        job_id = enqueue(conn, basic.short_timeout, {"sleep": 30})
+
+    wait_for(lambda: state(engine_pg, job_id) == "failed", timeout=5,
+             message="the job to fail at its half-second timeout")
+    [(late,)] = sql(engine_pg, "SELECT extract(epoch FROM finished_at - started_at) "
+                    "FROM dbtasks_jobs WHERE id = :id", id=job_id)
+    assert 0.5 <= late < 0.9
+
+
 def test_a_busy_worker_clears_its_idle_flag_and_sets_it_again(
     pg_url, engine_pg, start_worker
 ):
