@@ -40,6 +40,8 @@ RESCUE_BATCH = 100
 
 _EXPIRED = "lease expired: the worker running this job died, froze or lost the database"
 _ORPHANED = "the worker running this job died: its lifeline connection closed"
+_TAKEN_OVER = ("the worker running this job ended: a new worker took over its node "
+               "name")
 
 
 class Heartbeat(threading.Thread):
@@ -124,7 +126,7 @@ def rescue_orphaned_jobs(conn: Connection) -> int:
 def rescue_jobs_of_node(conn: Connection, node: str) -> int:
     """Rescue every job a dead holder of this node name was running."""
     rows = conn.execute(queries.jobs_owned_by, {"node_name": node}).all()
-    _rescue(conn, rows, _EXPIRED)
+    _rescue(conn, rows, _TAKEN_OVER)
     drop_node(conn, node)
     return len(rows)
 

@@ -403,6 +403,11 @@ def test_a_worker_restarted_in_place_after_a_crash_takes_its_name_at_once(
     assert sql(engine, "SELECT pid, stopped_at FROM dbtasks_nodes") == [
         (second.process.pid, None)
     ]
+    second.wait_for_output(
+        f"rescued job {job_id} (record) from node fixed, queued again: the worker "
+        "running this job ended: a new worker took over its node name"
+    )
+
 
 # --- retention --------------------------------------------------------------
 
