@@ -26,6 +26,14 @@ def node_is_idle(engine, node: str) -> bool:
     return bool(rows and rows[0][0])
 
 
+def start_idle_worker(start_worker, pg_url, engine_pg, node: str, *args: str):
+    """A worker that polls once a minute, once its node row says it is idle:
+    from then on only a notification (or a due time) wakes it early."""
+    worker = start_worker(pg_url, "--node", node, *args, *SLOW_POLL)
+    wait_for(lambda: node_is_idle(engine_pg, node), message=f"node {node} to idle")
+    return worker
+
+
 def state(engine, job_id: int) -> str:
     return sql(engine, "SELECT state FROM dbtasks_jobs WHERE id = :id", id=job_id)[0][0]
 
@@ -65,8 +73,7 @@ def test_enqueues_notify_only_while_some_node_is_idle(engine_pg, listener):
 
 
 def test_an_idle_worker_is_woken_by_an_enqueue(pg_url, engine_pg, start_worker):
-    start_worker(pg_url, "--node", "sleeper", *SLOW_POLL)
-    wait_for(lambda: node_is_idle(engine_pg, "sleeper"), message="the node to idle")
+    start_idle_worker(start_worker, pg_url, engine_pg, "sleeper")
 
     with engine_pg.begin() as conn:
         job_id = enqueue(conn, faults.tick)
@@ -80,8 +87,8 @@ def test_jobs_of_every_queue_start_at_once_on_one_notification(
 ):
     # The lifeline claims from the first queue only, then wakes the loop for
     # the others: the second queue's job must not wait for the first's to end.
-    start_worker(pg_url, "--node", "queues", "--queues", "default,other", *SLOW_POLL)
-    wait_for(lambda: node_is_idle(engine_pg, "queues"), message="the node to idle")
+    start_idle_worker(start_worker, pg_url, engine_pg, "queues",
+                      "--queues", "default,other")
 
     with engine_pg.begin() as conn:
         first = enqueue(conn, basic.record, {"sleep": 5})
@@ -103,8 +110,7 @@ def test_a_job_claimed_on_notification_still_times_out_on_time(
     """The idle loop sleeps until its next poll (here a minute), its next
     rescue pass (a second) or maintenance; a job the lifeline starts
     meanwhile must wake it at the job's timeout."""
-    start_worker(pg_url, "--node", "timer", "--lease", "60", *SLOW_POLL)
-    wait_for(lambda: node_is_idle(engine_pg, "timer"), message="the node to idle")
+    start_idle_worker(start_worker, pg_url, engine_pg, "timer", "--lease", "60")
 
     with engine_pg.begin() as conn:
         job_id = enqueue(conn, basic.short_timeout, {"sleep": 30})
@@ -119,8 +125,7 @@ def test_a_job_claimed_on_notification_still_times_out_on_time(
 def test_a_busy_worker_clears_its_idle_flag_and_sets_it_again(
     pg_url, engine_pg, start_worker
 ):
-    start_worker(pg_url, "--node", "flag", "--concurrency", "1", *SLOW_POLL)
-    wait_for(lambda: node_is_idle(engine_pg, "flag"), message="the node to idle")
+    start_idle_worker(start_worker, pg_url, engine_pg, "flag", "--concurrency", "1")
 
     with engine_pg.begin() as conn:
         job_id = enqueue(conn, basic.record, {"sleep": 1.5})
@@ -134,8 +139,7 @@ def test_a_busy_worker_clears_its_idle_flag_and_sets_it_again(
 def test_a_scheduled_job_wakes_its_idle_worker_when_due(
     pg_url, engine_pg, start_worker
 ):
-    start_worker(pg_url, "--node", "waiter", *SLOW_POLL)
-    wait_for(lambda: node_is_idle(engine_pg, "waiter"), message="the node to idle")
+    start_idle_worker(start_worker, pg_url, engine_pg, "waiter")
 
     with engine_pg.begin() as conn:
         job_id = enqueue(conn, faults.tick,
@@ -149,8 +153,7 @@ def test_a_scheduled_job_wakes_its_idle_worker_when_due(
 def test_a_listener_cut_off_reconnects_and_is_woken_again(
     pg_url, engine_pg, start_worker
 ):
-    worker = start_worker(pg_url, "--node", "cutoff", *SLOW_POLL)
-    wait_for(lambda: node_is_idle(engine_pg, "cutoff"), message="the node to idle")
+    worker = start_idle_worker(start_worker, pg_url, engine_pg, "cutoff")
     # Jobs enqueued while no one listens are found by the poll right after the
     # reconnection; the one after that by a notification.
     (key,) = sql(engine_pg, "SELECT lifeline_key FROM dbtasks_nodes")[0]
