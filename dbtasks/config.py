@@ -50,8 +50,9 @@ _CONTROL_CHARACTER = re.compile(r"[\x00-\x1f]")
 
 
 def name_problem(name: object, limit: int) -> str | None:
-    """What is wrong with a name of a task or a queue, or None: the one rule,
-    wherever a name is given (@task, enqueue, `dbtasks worker --queues`).
+    """What is wrong with the name of a task, a queue or a node, or None: the
+    one rule, wherever a name is given (@task, enqueue, `dbtasks worker
+    --queues` and `--node`).
 
     A name is 1 to `limit` characters of plain text: no surrounding spaces,
     no control characters, no lone surrogate (which no database can store).
@@ -70,7 +71,7 @@ def queue_name_problem(name: object) -> str | None:
     """What is wrong with a queue name, or None: a name (name_problem) of up
     to MAX_QUEUE_NAME characters, without a comma."""
     problem = name_problem(name, MAX_QUEUE_NAME)
-    if problem is None and "," in name:  # type: ignore[operator] # a str by now
+    if problem is None and "," in str(name):
         # --queues takes a comma-separated list: no worker could serve it.
         return f"{name!r:.80} has a comma, which separates names in --queues"
     return problem
