@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, Engine
+from sqlalchemy import Connection, Engine, event
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
 from tenacity import (
     Retrying,
@@ -57,7 +57,7 @@ from dbtasks.database import (
     is_transient,
     raw_connection,
 )
-from dbtasks.errors import ConfigError, LeaseLost
+from dbtasks.errors import Cancel, ConfigError, JobError, LeaseLost
 from dbtasks.executor import Executor, Run
 from dbtasks.lifeline import Lifeline
 from dbtasks.migrate import require_current_schema
@@ -104,6 +104,10 @@ SUCCESS_LINES_PER_SECOND = 20
 #: loop, must not hold its slot and its job for good.
 ASYNC_CANCEL_GRACE = 1.0
 
+#: What a task did that breaks context.transaction()'s promise.
+_EARLY_COMMIT = ("committed inside context.transaction(), which commits the "
+                 "task's writes with the job's success")
+
 #: What a database raises for a value it will not store (not for the
 #: connection): a type refused, a constraint violated, text it cannot encode.
 REFUSED_VALUES = (DataError, IntegrityError, UnicodeError)
@@ -132,6 +136,8 @@ class RunningJob:
     run: Run | None = None
     #: Set when the task's own context.transaction() recorded the success.
     recorded: bool = False
+    #: Set when the task opened its context.transaction(): once per run.
+    transaction_opened: bool = False
 
     def fields(self, node: str) -> dict[str, Any]:
         return {
@@ -949,17 +955,56 @@ class Worker:
         """The transaction that records the job's success with the task's writes.
 
         Committed apart from the loop's batches, so the task's rows and the
-        job's success commit together or not at all.
+        job's success commit together or not at all. Once per run: a second
+        block would commit apart from the success, which is recorded by then.
+
+        A task that commits on the connection itself has broken that: its
+        writes so far are in, without the success. The commit is seen (an
+        event on this connection), so that a retry does not write them
+        again: if the block then ends, the job succeeds with what came
+        after; if it raises, the job is cancelled rather than retried.
         """
-        with self.engine.begin() as conn:
-            yield conn
+        job = running.job
+        if running.transaction_opened:
+            raise JobError(
+                f"context.transaction() was used already in job {job.id}; use it "
+                "once per job, with every write that must commit with the job's "
+                "success inside that one block"
+            )
+        running.transaction_opened = True
+        with self.engine.connect() as conn:
+            commits: list[bool] = []  # the task's own commits, if any
+            event.listen(conn, "commit", lambda _: commits.append(True))
+            conn.begin()
+            try:
+                yield conn
+            except BaseException as error:
+                conn.rollback()
+                if commits:
+                    raise Cancel(
+                        f"{_EARLY_COMMIT}, then raised {type(error).__name__}: "
+                        f"{_first_line(error)}; not "
+                        "retried, since what it committed would be written again"
+                    ) from error
+                raise
+            if commits:
+                logger.warning(
+                    "%s job %s %s; recording its success now, with what it wrote "
+                    "after",
+                    job.task,
+                    job.id,
+                    _EARLY_COMMIT,
+                    extra={"event": "job.committed_early", **running.fields(self.node)},
+                )
             with recording(conn) as batch:
-                owned = batch.record(running.job, Outcome(SUCCEEDED))
+                owned = batch.record(job, Outcome(SUCCEEDED))
             if not owned:
+                conn.rollback()
                 raise LeaseLost(
-                    f"job {running.job.id} is no longer held by node {self.node}: "
+                    f"job {job.id} is no longer held by node {self.node}: "
                     "its lease expired and it was rescued; nothing was committed"
                 )
+            conn.commit()
         running.recorded = True
         self._log_outcome(running, Outcome(SUCCEEDED), owned=True)
 

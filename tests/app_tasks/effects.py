@@ -27,3 +27,43 @@ def effect(params, context):
                 at=utcnow(),
             )
         )
+
+
+def _write(conn, context, event: str) -> None:  # noqa: ANN001
+    conn.execute(
+        insert(runs).values(
+            job_id=context.job_id,
+            task=context.task,
+            node=context.node,
+            attempt=context.attempt,
+            event=event,
+            at=utcnow(),
+        )
+    )
+
+
+@task(name="commits_inside", max_attempts=3)
+def commits_inside(params, context):
+    """Commit inside the job's transaction, then write again."""
+    with context.transaction() as conn:
+        _write(conn, context, "before")
+        conn.commit()
+        _write(conn, context, "after")
+
+
+@task(name="commits_then_raises", max_attempts=3)
+def commits_then_raises(params, context):
+    """Commit inside the job's transaction, then fail."""
+    with context.transaction() as conn:
+        _write(conn, context, "before")
+        conn.commit()
+        raise RuntimeError("after the commit")
+
+
+@task(name="transaction_twice", max_attempts=3)
+def transaction_twice(params, context):
+    """Open the job's transaction a second time."""
+    with context.transaction() as conn:
+        _write(conn, context, "first")
+    with context.transaction() as conn:
+        _write(conn, context, "second")

@@ -30,6 +30,11 @@ from dbtasks.config import config_from_env
 from dbtasks.database import SQLITE_BUSY_TIMEOUT_MS, create_queue_engine
 from dbtasks.outcomes import MAX_ERROR_CHARS
 from tests.app_tasks import faults
+from tests.app_tasks.effects import (
+    commits_inside,
+    commits_then_raises,
+    transaction_twice,
+)
 from tests.bad_tasks import errors
 from tests.bad_tasks.echo import echo_params
 from tests.bad_tasks.unawaited import wrapped_async
@@ -501,6 +506,40 @@ def test_a_plain_function_returning_a_coroutine_fails_rather_than_succeeding(
     assert worker.process.poll() is None
 
 
+def test_a_commit_inside_the_job_transaction_never_has_its_writes_made_twice(
+    database_url, engine, start_worker
+):
+    """context.transaction() commits the task's writes with the job's success;
+    a task that commits on its own has its writes in without the success. A
+    retry would write them again: the worker sees the commit instead."""
+    with engine.begin() as conn:
+        went_on = enqueue(conn, commits_inside)
+        raised = enqueue(conn, commits_then_raises)
+        twice = enqueue(conn, transaction_twice)
+    worker = start_worker(database_url)
+
+    wait_for_state(engine, went_on, "succeeded")
+    wait_for_state(engine, raised, "cancelled")
+    wait_for_state(engine, twice, "succeeded")
+
+    assert [event for _, _, event in run_events(engine, went_on)] == [
+        "before", "after"]
+    assert [event for _, _, event in run_events(engine, raised)] == ["before"]
+    assert job_row(engine, raised).attempt == 1
+    assert job_row(engine, raised).last_error == (
+        "committed inside context.transaction(), which commits the task's writes "
+        "with the job's success, then raised RuntimeError: after the commit; not "
+        "retried, since what it committed would be written again"
+    )
+    # A second block would commit apart from the success: refused, saying so.
+    assert [event for _, _, event in run_events(engine, twice)] == ["first"]
+    worker.wait_for_output(
+        f"JobError: context.transaction() was used already in job {twice}; use it "
+        "once per job"
+    )
+    assert "lease expired" not in worker.output
+
+
 # --- command-line values ----------------------------------------------------------
 
 
@@ -792,6 +831,9 @@ CATALOGUE: list[tuple[str, list[str]]] = [
         "test_bad_inputs::test_a_plain_function_returning_a_coroutine_fails_rather_"
         "than_succeeding",
         "test_tasks::test_run_inline_refuses_a_coroutine_a_plain_function_returned"]),
+    ("a task that commits inside context.transaction(), or opens it twice", [
+        "test_bad_inputs::test_a_commit_inside_the_job_transaction_never_has_its_"
+        "writes_made_twice"]),
     ("a node name too long, padded or with control characters", [
         "test_bad_inputs::test_a_worker_refuses_a_node_name_its_logs_and_rows_"
         "cannot_hold"]),
