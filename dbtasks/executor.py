@@ -198,8 +198,9 @@ async def _bounded(run: Run) -> Any:
     """Run the coroutine within its timeout, which ends in a TimeoutError that
     says so (told apart here, inside the loop: the future that carries the
     outcome to other threads replaces the error and loses its cause)."""
+    started = time.monotonic()
     try:
-        return await asyncio.wait_for(
+        result = await asyncio.wait_for(
             _contained(run.fn(run.params, run.context)), timeout=run.timeout
         )
     except asyncio.TimeoutError as error:
@@ -207,6 +208,12 @@ async def _bounded(run: Run) -> Any:
             raise  # the task's own TimeoutError, a failure like any other
         timeout = TimeoutError(timeout_message(run.context.task, run.timeout))
         raise _Escaped(timeout) from None
+    if run.timeout is not None and time.monotonic() - started > run.timeout:
+        # It blocked the loop past its timeout, or swallowed the cancellation
+        # and returned: a failure all the same, as run_inline says.
+        timeout = TimeoutError(timeout_message(run.context.task, run.timeout))
+        raise _Escaped(timeout)
+    return result
 
 
 class _Escaped(Exception):

@@ -21,6 +21,7 @@ import logging
 import math
 import pkgutil
 import sys
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -31,6 +32,7 @@ from typing import Any, overload
 from dbtasks.clock import MAX_SECONDS
 from dbtasks.config import MAX_TASK_NAME, name_problem, queue_name_problem
 from dbtasks.errors import ConfigError, DuplicateTask, TaskError, TaskNotFound
+from dbtasks.params import decode_params, encode_params
 
 logger = logging.getLogger(__name__)
 
@@ -436,39 +438,70 @@ def _import_error(source: Path, exc: BaseException) -> TaskError:
 
 
 def run_inline(
-    task_or_fn: Task,
+    task_or_fn: Task | str,
     params: Any = None,
     *,
     context: JobContext | None = None,
 ) -> Any:
     """Run a task now, in this process, without the database; return its result.
 
+    `task_or_fn` is a Task, or the name of one this process has loaded. The
+    params go through the same check and JSON round trip as an enqueued
+    job's, so the task gets what a worker would give it. A run that ends
+    past the task's timeout raises TimeoutError, as a worker fails it,
+    whatever it returned.
+
     A coroutine task is run with `asyncio.run`, so call this outside an event
-    loop; inside one, `await task.fn(params, context)` instead. Its timeout
-    holds: past it, the coroutine is cancelled and TimeoutError raised. A
-    plain function runs on the caller's thread, which nothing can stop from
-    outside, so it runs to its end (`dbtasks run` stops one at its timeout
-    with SIGALRM).
+    loop; inside one, `await task.fn(params, context)` instead. Past its
+    timeout the coroutine is cancelled. A plain function runs on the
+    caller's thread, which nothing can stop from outside, so it runs to its
+    end first (`dbtasks run` stops one at its timeout with SIGALRM).
     """
+    task = _inline_task(task_or_fn)
     if context is None:
         context = JobContext(
             job_id=None,
-            task=task_or_fn.name,
+            task=task.name,
             attempt=1,
             node="inline",
-            logger=logging.getLogger(f"dbtasks.task.{task_or_fn.name}"),
+            logger=logging.getLogger(f"dbtasks.task.{task.name}"),
         )
-    params = {} if params is None else params
-    if task_or_fn.is_async:
+    params = decode_params(encode_params(params))
+    if task.is_async:
         try:
             asyncio.get_running_loop()
         except RuntimeError:
-            return asyncio.run(_within_timeout(task_or_fn, params, context))
+            return asyncio.run(_within_timeout(task, params, context))
         raise TaskError(
-            f"task {task_or_fn.name!r} is async and an event loop is running: "
+            f"task {task.name!r} is async and an event loop is running: "
             "await task.fn(params, context) instead of run_inline"
         )
-    return plain_result(task_or_fn.name, task_or_fn.fn(params, context))
+    started = time.monotonic()
+    result = plain_result(task.name, task.fn(params, context))
+    _check_in_time(task, time.monotonic() - started)
+    return result
+
+
+def _inline_task(task_or_fn: Any) -> Task:
+    if isinstance(task_or_fn, Task):
+        return task_or_fn
+    if isinstance(task_or_fn, str):
+        found = declared_tasks.get(task_or_fn)
+        if found is None:
+            raise TaskNotFound(
+                f"no task named {task_or_fn!r} is loaded in this process; import "
+                "the module that defines it, or pass the Task itself"
+            )
+        return found
+    raise TaskError(
+        f"run_inline takes a Task (a function decorated with @task) or a task "
+        f"name, got {type(task_or_fn).__name__}"
+    )
+
+
+def _check_in_time(task: Task, elapsed: float) -> None:
+    if task.timeout is not None and elapsed > task.timeout:
+        raise TimeoutError(timeout_message(task.name, task.timeout))
 
 
 def plain_result(task: str, result: Any) -> Any:
@@ -491,12 +524,17 @@ def plain_result(task: str, result: Any) -> Any:
 
 
 async def _within_timeout(task: Task, params: Any, context: JobContext) -> Any:
+    started = time.monotonic()
     try:
-        return await asyncio.wait_for(task.fn(params, context), timeout=task.timeout)
+        result = await asyncio.wait_for(task.fn(params, context), timeout=task.timeout)
     except asyncio.TimeoutError as error:
         if not isinstance(error.__cause__, asyncio.CancelledError):
             raise  # the task's own TimeoutError
         raise TimeoutError(timeout_message(task.name, task.timeout)) from None
+    # Past its timeout all the same: it blocked the loop, or swallowed the
+    # cancellation and returned.
+    _check_in_time(task, time.monotonic() - started)
+    return result
 
 
 def timeout_message(task: str, timeout: float | None) -> str:

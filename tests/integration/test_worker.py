@@ -245,6 +245,21 @@ def test_a_timeout_is_a_failed_attempt_and_frees_the_slot(
     assert (tick_run - first_start).total_seconds() < 3.0
 
 
+def test_an_async_task_that_ends_past_its_timeout_has_failed(
+    database_url, engine, start_worker
+):
+    """It blocked the loop past its timeout and then returned: no cancellation
+    could reach it, and its return is not a success."""
+    start_worker(database_url)
+    with engine.begin() as conn:
+        late = enqueue(conn, basic.blocking_async, {"sleep": 0.8})
+
+    wait_for_state(engine, late, "failed")
+    assert job_row(engine, late).last_error.endswith(
+        "TimeoutError: task blocking_async ran past its timeout of 0.5s"
+    )
+
+
 @pytest.mark.parametrize("task", [basic.stubborn_async, basic.blocking_async])
 def test_an_async_task_that_will_not_stop_at_its_timeout_is_failed_anyway(
     database_url, engine, start_worker, task

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import sys
 import textwrap
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import timedelta
@@ -16,6 +17,7 @@ import pytest
 from dbtasks import (
     ConfigError,
     DuplicateTask,
+    InvalidParams,
     JobContext,
     Registry,
     Retry,
@@ -559,6 +561,43 @@ def test_run_inline_refuses_a_coroutine_a_plain_function_returned(recwarn):
     assert reached == []
     # Closed, not left for the garbage collector to warn about.
     assert not [w for w in recwarn if "never awaited" in str(w.message)]
+
+
+@pytest.mark.parametrize("how", ["plain", "blocking-async", "swallowing-async"])
+def test_run_inline_fails_a_run_that_ends_past_its_timeout(how):
+    """As a worker fails it: whatever the task returned, it was too late."""
+    if how == "plain":
+        def late(params, context):
+            time.sleep(0.3)
+            return "late"
+    elif how == "blocking-async":
+        async def late(params, context):
+            time.sleep(0.3)  # blocks the loop: no cancellation reaches it
+            return "late"
+    else:
+        async def late(params, context):
+            try:
+                await asyncio.sleep(5)
+            except asyncio.CancelledError:
+                return "swallowed"
+
+    slow = task(name=f"unit_late_{uuid.uuid4().hex[:6]}", timeout=0.1)(late)
+
+    with pytest.raises(TimeoutError, match=r"ran past its timeout of 0.1s"):
+        run_inline(slow)
+
+
+def test_run_inline_takes_a_loaded_task_by_name_and_checks_its_params():
+    assert run_inline(sync_echo.name, {"n": 2})["params"] == {"n": 2}
+    with pytest.raises(TaskNotFound, match="no task named 'unit_nowhere' is loaded"):
+        run_inline("unit_nowhere")
+    with pytest.raises(TaskError, match="run_inline takes a Task"):
+        run_inline(print)
+    # What the queue would refuse, or give back changed, is refused here too.
+    with pytest.raises(InvalidParams, match="tuple"):
+        run_inline(sync_echo, (1, 2))
+    with pytest.raises(InvalidParams, match="inf"):
+        run_inline(sync_echo, {"x": float("inf")})
 
 
 def test_an_inline_context_has_no_transaction():
