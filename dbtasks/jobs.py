@@ -33,7 +33,7 @@ from dbtasks.config import (
     queue_name_problem,
 )
 from dbtasks.database import RawStatement
-from dbtasks.errors import JobError, SchemaError, TaskNotFound
+from dbtasks.errors import InvalidParams, JobError, SchemaError, TaskNotFound
 from dbtasks.params import encode_params
 from dbtasks.tasks import (
     DEFAULT_MAX_ATTEMPTS,
@@ -139,7 +139,8 @@ def enqueue_many(
             "enqueue_many takes a list of params values, one per job, got "
             f"{type(params_list).__name__}; for one job, use enqueue"
         )
-    params = [encode_params(value) for value in params_list]
+    params = [_encoded_item(position, value)
+              for position, value in enumerate(params_list)]
     if schema is _UNSET:
         schema = os.environ.get("DBTASKS_SCHEMA") or None
     arguments = (_insert_many, template, params, _check_schema(schema))
@@ -147,6 +148,13 @@ def enqueue_many(
     if hasattr(target, "run_sync"):
         return _run_async(target, *arguments)
     return _run(target, *arguments)
+
+
+def _encoded_item(position: int, value: Any) -> str:
+    try:
+        return encode_params(value)
+    except InvalidParams as exc:
+        raise InvalidParams(f"params_list[{position}]: {exc}") from None
 
 
 def _run(target: Any, function: Any, *arguments: Any) -> Any:

@@ -46,7 +46,9 @@ def test_a_rolled_back_bulk_enqueue_leaves_nothing(engine):
 
 def test_one_bad_params_value_refuses_the_whole_batch_before_writing(engine):
     with engine.begin() as conn:
-        with pytest.raises(InvalidParams, match=r"params\['x'\] is nan"):
+        with pytest.raises(
+            InvalidParams, match=r"^params_list\[1\]: params\['x'\] is nan"
+        ):
             enqueue_many(conn, noop, [{"x": 1}, {"x": float("nan")}])
 
     assert sql(engine, "SELECT count(*) FROM dbtasks_jobs") == [(0,)]
