@@ -104,7 +104,11 @@ class Task:
         return self.frequency > 0
 
     def __call__(self, params: Any = None, context: JobContext | None = None) -> Any:
-        """Call the function directly, as `run_inline` does."""
+        """Call the function directly, as `run_inline` does. An async task
+        called where an event loop runs gives the awaitable of that run:
+        `await send_report({"id": 7})` in async code."""
+        if self.is_async and _loop_is_running():
+            return _within_timeout(*_inline_run(self, params, context))
         return run_inline(self, params, context=context)
 
 
@@ -452,11 +456,29 @@ def run_inline(
     whatever it returned.
 
     A coroutine task is run with `asyncio.run`, so call this outside an event
-    loop; inside one, `await task.fn(params, context)` instead. Past its
+    loop; inside one, `await task(params)` instead. Past its
     timeout the coroutine is cancelled. A plain function runs on the
     caller's thread, which nothing can stop from outside, so it runs to its
     end first (`dbtasks run` stops one at its timeout with SIGALRM).
     """
+    task, params, context = _inline_run(task_or_fn, params, context)
+    if task.is_async:
+        if not _loop_is_running():
+            return asyncio.run(_within_timeout(task, params, context))
+        raise TaskError(
+            f"task {task.name!r} is async and an event loop is running: "
+            f"await {task.name}(params) instead of run_inline"
+        )
+    started = time.monotonic()
+    result = plain_result(task.name, task.fn(params, context))
+    _check_in_time(task, time.monotonic() - started)
+    return result
+
+
+def _inline_run(
+    task_or_fn: Any, params: Any, context: JobContext | None
+) -> tuple[Task, Any, JobContext]:
+    """The task, its params as the queue would give them, and its context."""
     task = _inline_task(task_or_fn)
     if context is None:
         context = JobContext(
@@ -466,20 +488,15 @@ def run_inline(
             node="inline",
             logger=logging.getLogger(f"dbtasks.task.{task.name}"),
         )
-    params = decode_params(encode_params(params))
-    if task.is_async:
-        try:
-            asyncio.get_running_loop()
-        except RuntimeError:
-            return asyncio.run(_within_timeout(task, params, context))
-        raise TaskError(
-            f"task {task.name!r} is async and an event loop is running: "
-            "await task.fn(params, context) instead of run_inline"
-        )
-    started = time.monotonic()
-    result = plain_result(task.name, task.fn(params, context))
-    _check_in_time(task, time.monotonic() - started)
-    return result
+    return task, decode_params(encode_params(params)), context
+
+
+def _loop_is_running() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
 
 
 def _inline_task(task_or_fn: Any) -> Task:

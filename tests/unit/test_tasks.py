@@ -11,6 +11,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -492,6 +493,11 @@ def sync_echo(params, context):
             "node": context.node, "task": context.task}
 
 
+@task(name="unit_slow_async", timeout=0.1)
+async def slow_async(params, context):
+    await asyncio.sleep(5)
+
+
 @task(name="unit_async_echo")
 async def async_echo(params, context):
     await asyncio.sleep(0)
@@ -539,8 +545,23 @@ def test_an_async_task_inside_a_running_loop_asks_for_await():
     async def inside() -> None:
         run_inline(async_echo, {})
 
-    with pytest.raises(TaskError, match=r"await task.fn\(params, context\)"):
+    with pytest.raises(TaskError, match=r"await unit_async_echo\(params\) instead"):
         asyncio.run(inside())
+
+
+def test_an_async_task_called_in_async_code_is_awaited_with_its_timeout():
+    async def inside() -> tuple[Any, str]:
+        echoed = await async_echo({"n": 3})
+        try:
+            await slow_async({})
+        except TimeoutError as error:
+            return echoed, str(error)
+        return echoed, "no timeout"
+
+    echoed, timed_out = asyncio.run(inside())
+
+    assert echoed["params"] == {"n": 3}
+    assert timed_out == "task unit_slow_async ran past its timeout of 0.1s"
 
 
 def test_run_inline_refuses_a_coroutine_a_plain_function_returned(recwarn):
