@@ -55,17 +55,22 @@ def app_engine() -> Engine:
 def record_run(context, event: str, note: str | None = None) -> None:  # noqa: ANN001
     """Record an event of this run, committed at once, with the database time."""
     with app_engine().begin() as conn:
-        conn.execute(
-            insert(runs).values(
-                job_id=context.job_id,
-                task=context.task,
-                node=context.node,
-                attempt=context.attempt,
-                event=event,
-                note=note,
-                at=utcnow(),
-            )
+        write_run(conn, context, event, note)
+
+
+def write_run(conn, context, event: str, note: str | None = None) -> None:  # noqa: ANN001
+    """Write an event of this run on `conn`, in its transaction."""
+    conn.execute(
+        insert(runs).values(
+            job_id=context.job_id,
+            task=context.task,
+            node=context.node,
+            attempt=context.attempt,
+            event=event,
+            note=note,
+            at=utcnow(),
         )
+    )
 
 
 def count_runs(engine: Engine, **where: object) -> int:
