@@ -439,9 +439,16 @@ class Worker:
                 finally:
                     self._claim_lock.release()
         except Exception as exc:  # noqa: BLE001 - the loop claims instead
-            # A lost session is noticed by the lifeline itself, which
-            # reconnects and wakes the worker again.
-            logger.debug("claim on notification failed: %s", _first_line(exc))
+            # A lost session is noticed, and logged, by the lifeline itself,
+            # which reconnects and wakes the worker again.
+            lost = isinstance(exc, DBAPIError) and exc.connection_invalidated
+            logger.log(
+                logging.DEBUG if lost else logging.WARNING,
+                "claim on notification failed (%s: %s); the loop claims instead",
+                type(exc).__name__,
+                _first_line(exc),
+                extra={"event": "worker.notified_claim_failed", "node": self.node},
+            )
         if not settled:
             self._wake.set()
 
