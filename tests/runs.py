@@ -58,7 +58,9 @@ def record_run(context, event: str, note: str | None = None) -> None:  # noqa: A
         write_run(conn, context, event, note)
 
 
-def write_run(conn, context, event: str, note: str | None = None) -> None:  # noqa: ANN001
+def write_run(
+    conn, context, event: str, note: str | None = None  # noqa: ANN001
+) -> None:
     """Write an event of this run on `conn`, in its transaction."""
     conn.execute(
         insert(runs).values(
