@@ -179,6 +179,15 @@ class Config:
             problem = queue_name_problem(queue)
             if problem is not None:
                 raise ConfigError(f"queue (--queues) {problem}")
+        repeated = [queue for n, queue in enumerate(self.queues)
+                    if queue in self.queues[:n]]
+        if repeated:
+            # The order of --queues is the order they are served in; a
+            # repeated name would leave that order unclear.
+            raise ConfigError(
+                f"queue {repeated[0]!r} is named twice in --queues; name each "
+                "queue once, in the order they are to be served"
+            )
         self._check_at_least(0.01, "poll_interval")
         # Leases and heartbeats are renewed every third of these: below a
         # second a worker would spend itself renewing them.

@@ -605,8 +605,9 @@ def test_a_worker_refuses_a_node_name_its_logs_and_rows_cannot_hold(
     [
         ("q" * 101, "must be a name of 1 to 100 characters"),
         ("a,,b", "name at least one queue, and no empty queue names"),
+        ("default,b, default", "queue 'default' is named twice in --queues"),
     ],
-    ids=["too-long", "empty"],
+    ids=["too-long", "empty", "repeated"],
 )
 def test_a_worker_refuses_queue_names_no_job_can_have(sqlite_url, queues, message):
     result = cli("worker", "--queues", queues, database_url=sqlite_url)
@@ -808,7 +809,7 @@ CATALOGUE: list[tuple[str, list[str]]] = [
         "test_tasks::test_a_retry_delay_beyond_ten_years_or_not_a_number_is_"
         "refused",
         "test_tasks::test_bad_settings_are_refused_where_the_function_is"]),
-    ("queue names no worker can serve: too long, empty, with a comma", [
+    ("queue names no worker can serve: too long, empty, with a comma, repeated", [
         "test_bad_inputs::test_a_worker_refuses_queue_names_no_job_can_have",
         "test_enqueue::test_the_queue_name_is_stored_and_an_unservable_one_refused",
         "test_tasks::test_bad_settings_are_refused_where_the_function_is"]),
