@@ -15,6 +15,7 @@ from dbtasks.errors import (
     LeaseLost,
     Retry,
     SchemaError,
+    TaskDefinitionError,
     TaskError,
     TaskNotFound,
 )
@@ -49,6 +50,7 @@ __all__ = [
     "TaskError",
     "TaskNotFound",
     "DuplicateTask",
+    "TaskDefinitionError",
     "JobError",
     "InvalidParams",
     "LeaseLost",

@@ -32,6 +32,16 @@ class DuplicateTask(TaskError):
     """Two task definitions use the same name."""
 
 
+class TaskDefinitionError(TaskError):
+    """A task's function cannot do its work, whatever the job: a plain function
+    that returns a coroutine, which nothing awaits.
+
+    Its job fails at once, without the retries left: each would fail the same
+    way until the task is fixed and deployed, then the job can be enqueued
+    again.
+    """
+
+
 class JobError(DbtasksError):
     """A job cannot be enqueued or recorded as asked."""
 
@@ -90,6 +100,7 @@ for _public in (
     TaskError,
     TaskNotFound,
     DuplicateTask,
+    TaskDefinitionError,
     JobError,
     InvalidParams,
     LeaseLost,

@@ -22,7 +22,7 @@ from sqlalchemy import Connection
 
 from dbtasks import queries
 from dbtasks.claim import ClaimedJob
-from dbtasks.errors import Cancel, Retry
+from dbtasks.errors import Cancel, Retry, TaskDefinitionError
 from dbtasks.schema import JobState
 
 #: First retry delay in seconds; each further attempt doubles it.
@@ -112,7 +112,7 @@ def _classify(job: ClaimedJob, error: BaseException | None) -> Outcome:
         return Outcome(CANCELLED, error=str(error.reason or error))
 
     text, summary = describe(error), summarize(error)
-    if job.attempt >= job.max_attempts:
+    if job.attempt >= job.max_attempts or isinstance(error, TaskDefinitionError):
         return Outcome(FAILED, error=text, summary=summary)
     if isinstance(error, Retry) and error.delay is not None:
         return Outcome(RETRY, error=text, delay=error.delay, summary=summary)

@@ -31,7 +31,13 @@ from typing import Any, overload
 
 from dbtasks.clock import MAX_SECONDS
 from dbtasks.config import MAX_TASK_NAME, name_problem, queue_name_problem
-from dbtasks.errors import ConfigError, DuplicateTask, TaskError, TaskNotFound
+from dbtasks.errors import (
+    ConfigError,
+    DuplicateTask,
+    TaskDefinitionError,
+    TaskError,
+    TaskNotFound,
+)
 from dbtasks.params import decode_params, encode_params
 
 logger = logging.getLogger(__name__)
@@ -522,8 +528,9 @@ def _check_in_time(task: Task, elapsed: float) -> None:
 
 
 def plain_result(task: str, result: Any) -> Any:
-    """What a plain function's run returned; a TaskError if it returned a
-    coroutine, which nothing would ever await: the task's work never ran.
+    """What a plain function's run returned; a TaskDefinitionError if it
+    returned a coroutine, which nothing would ever await: the task's work
+    never ran.
 
     A sync wrapper around an async function does this (a decorator without
     async def, a lambda). Without this check the job would succeed having
@@ -532,7 +539,7 @@ def plain_result(task: str, result: Any) -> Any:
     if inspect.isawaitable(result):
         if inspect.iscoroutine(result):
             result.close()  # never to run: without Python's "never awaited"
-        raise TaskError(
+        raise TaskDefinitionError(
             f"task {task} is a plain function that returned "
             f"{type(result).__name__} unawaited, so its work never ran; declare "
             "it with async def, or await the call inside it"

@@ -489,18 +489,20 @@ def test_a_plain_function_returning_a_coroutine_fails_rather_than_succeeding(
     database_url, engine, start_worker
 ):
     """Nothing would await the coroutine: recorded as a success, the job's work
-    would be lost without a word."""
+    would be lost without a word. No retry could do better: it fails at once."""
     with engine.begin() as conn:
-        unawaited = enqueue(conn, wrapped_async)
+        unawaited = enqueue(conn, wrapped_async, max_attempts=5)
         after = enqueue(conn, echo_params, {"after": "it"})
     worker = start_worker(database_url, tasks=BAD_TASKS)
 
     wait_for_state(engine, unawaited, "failed")
     wait_for_state(engine, after, "succeeded")
-    assert job_row(engine, unawaited).last_error.endswith(
-        "TaskError: task wrapped_async is a plain function that returned coroutine "
-        "unawaited, so its work never ran; declare it with async def, or await "
-        "the call inside it"
+    row = job_row(engine, unawaited)
+    assert (row.state, row.attempt) == ("failed", 1)
+    assert row.last_error.endswith(
+        "TaskDefinitionError: task wrapped_async is a plain function that returned "
+        "coroutine unawaited, so its work never ran; declare it with async def, "
+        "or await the call inside it"
     )
     assert "never awaited" not in worker.output
     assert worker.process.poll() is None

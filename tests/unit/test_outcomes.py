@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from dbtasks import Cancel
+from dbtasks import Cancel, TaskDefinitionError, TaskNotFound
 from dbtasks.claim import ClaimedJob
 from dbtasks.outcomes import CANCELLED, FAILED, RETRY, classify
 
@@ -59,3 +59,12 @@ def test_error_texts_come_out_encodable(error, ending):
     assert outcome.kind == RETRY
     assert outcome.error.endswith(ending)
     outcome.error.encode("utf-8")  # raises if a lone surrogate were left
+
+
+def test_a_task_definition_error_fails_at_once_but_other_task_errors_retry():
+    """A plain function returning a coroutine fails each attempt the same way;
+    an unknown task name met by the task's own enqueue may be deployed soon."""
+    early = job(attempt=1, max_attempts=5)
+
+    assert classify(early, TaskDefinitionError("returned a coroutine")).kind == FAILED
+    assert classify(early, TaskNotFound("not yet deployed")).kind == RETRY

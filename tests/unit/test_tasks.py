@@ -22,6 +22,7 @@ from dbtasks import (
     JobContext,
     Registry,
     Retry,
+    TaskDefinitionError,
     TaskError,
     TaskNotFound,
     load_tasks,
@@ -574,7 +575,7 @@ def test_run_inline_refuses_a_coroutine_a_plain_function_returned(recwarn):
         lambda params, context: work()
     )
 
-    with pytest.raises(TaskError, match=(
+    with pytest.raises(TaskDefinitionError, match=(
         r"is a plain function that returned coroutine unawaited, so its work "
         r"never ran; declare it with async def"
     )):
