@@ -42,6 +42,11 @@ HANDED_BACK = "handed_back"
 #: where the exception itself is, its end.
 MAX_ERROR_CHARS = 65_536
 
+#: Longest error text in the log record of a job's failure. Log pipelines
+#: split or drop far shorter records than a row keeps (Docker splits lines
+#: at 16 KB); the whole stored text is in the job's last_error.
+LOGGED_ERROR_CHARS = 8_000
+
 
 @dataclass(frozen=True)
 class Outcome:
@@ -142,6 +147,13 @@ def storable_text(text: str, limit: int = MAX_ERROR_CHARS) -> str:
         text.encode("utf-8")
     except UnicodeEncodeError:
         text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return cut_middle(text, limit)
+
+
+def cut_middle(text: str, limit: int) -> str:
+    """`text` if it has at most `limit` characters; else its first quarter
+    and last three quarters of that, the cut marked: a traceback's end says
+    what was raised."""
     if len(text) <= limit:
         return text
     head = limit // 4

@@ -64,10 +64,12 @@ from dbtasks.migrate import require_current_schema
 from dbtasks.outcomes import (
     FAILED,
     HANDED_BACK,
+    LOGGED_ERROR_CHARS,
     RETRY,
     SUCCEEDED,
     Outcome,
     classify,
+    cut_middle,
     recording,
     summarize,
     unreadable_params,
@@ -1069,7 +1071,7 @@ class Worker:
                 job.id,
                 outcome.kind,
                 job.attempt,
-                outcome.error,
+                cut_middle(outcome.error or "", LOGGED_ERROR_CHARS),
                 extra={"event": f"job.{outcome.kind}", **extra},
             )
 

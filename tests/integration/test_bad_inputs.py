@@ -28,7 +28,7 @@ from sqlalchemy import Engine, create_engine, text
 from dbtasks import enqueue, migrate
 from dbtasks.config import config_from_env
 from dbtasks.database import SQLITE_BUSY_TIMEOUT_MS, create_queue_engine
-from dbtasks.outcomes import MAX_ERROR_CHARS
+from dbtasks.outcomes import LOGGED_ERROR_CHARS, MAX_ERROR_CHARS
 from tests.app_tasks import faults
 from tests.app_tasks.effects import (
     commits_inside,
@@ -438,6 +438,11 @@ def test_error_texts_are_stored_with_nuls_escaped_and_a_huge_one_cut(
     assert "characters cut ...]" in huge_error
     assert huge_error.startswith("Traceback (most recent call last):")
     assert huge_error.endswith("x the end")
+    # The log record has a shorter excerpt, ending as the row's does.
+    logged = worker.output.split(f"raise_huge job {huge} failed after 1 attempt(s):\n",
+                                 1)[1]
+    assert "x the end" in logged[:LOGGED_ERROR_CHARS + 100]
+    assert len(worker.output) < MAX_ERROR_CHARS // 2
     assert worker.process.poll() is None
 
 
