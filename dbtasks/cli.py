@@ -19,6 +19,7 @@ import click
 
 from dbtasks import commands, logs
 from dbtasks.config import DEFAULT_DATABASE_URL, Config, config_from_env
+from dbtasks.database import create_queue_engine
 from dbtasks.errors import Cancel, DbtasksError, JobError, Retry
 from dbtasks.outcomes import summarize
 
@@ -160,8 +161,10 @@ def run(config: Config, task: str, params: str) -> None:
     """
     values = _parse_json(params)
     found = _guard(lambda: commands.load_task(config, task))
+    # For the task's context.transaction(); it connects only if that is used.
+    engine = _guard(lambda: create_queue_engine(config))
     try:
-        result = commands.run_task(found, values, own_process=True)
+        result = commands.run_task(found, values, engine=engine, own_process=True)
     except (Cancel, Retry) as outcome:
         kind = "cancelled" if isinstance(outcome, Cancel) else "asked to be retried"
         reason = summarize(outcome).partition(": ")[2]

@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
 
+from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError
 
 from dbtasks import migrate as migrations
@@ -80,8 +81,17 @@ def enqueue(
 
 
 def run(config: Config, task: str, params: Any = None) -> Any:
-    """Run a task inline, now, in this process, and return its result."""
-    return run_task(load_task(config, task), params)
+    """Run a task inline, now, in this process, and return its result.
+
+    The task's `context.transaction()` is a transaction on the configured
+    database; nothing connects to it unless the task asks.
+    """
+    found = load_task(config, task)
+    engine = create_queue_engine(config)
+    try:
+        return run_task(found, params, engine=engine)
+    finally:
+        engine.dispose()
 
 
 def load_task(config: Config, name: str) -> Task:
@@ -89,8 +99,10 @@ def load_task(config: Config, name: str) -> Task:
     return load_tasks(config.tasks_path).get(name)
 
 
-def run_task(task: Task, params: Any = None, *, own_process: bool = False) -> Any:
-    """Run a loaded task inline and return its result.
+def run_task(task: Task, params: Any = None, *, engine: Engine | None = None,
+             own_process: bool = False) -> Any:
+    """Run a loaded task inline and return its result; `engine` is for the
+    task's `context.transaction()` (see run_inline).
 
     With `own_process` (`dbtasks run`, whose process this is), the timeout
     holds for a plain function too, and for a coroutine that will not be
@@ -98,9 +110,9 @@ def run_task(task: Task, params: Any = None, *, own_process: bool = False) -> An
     function, or ends the process after a coroutine.
     """
     if not own_process:
-        return run_inline(task, params)
+        return run_inline(task, params, engine=engine)
     with _alarm_at_timeout(task):
-        return run_inline(task, params)
+        return run_inline(task, params, engine=engine)
 
 
 @contextmanager

@@ -23,17 +23,21 @@ import pkgutil
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from types import ModuleType
 from typing import Any, overload
 
+from sqlalchemy import Connection, Engine
+
 from dbtasks.clock import MAX_SECONDS
 from dbtasks.config import MAX_TASK_NAME, name_problem, queue_name_problem
 from dbtasks.errors import (
     ConfigError,
     DuplicateTask,
+    JobError,
     TaskDefinitionError,
     TaskError,
     TaskNotFound,
@@ -76,13 +80,15 @@ class JobContext:
         Rows the task writes on the connection this yields commit together with
         the job's success, or not at all: if the worker lost the job's lease,
         the whole transaction rolls back and `LeaseLost` is raised. Use it once,
-        as the last thing the task does. Inline runs get a plain transaction
-        on the queue's database.
+        as the last thing the task does. An inline run given an engine
+        (`run_inline(..., engine=)`, `dbtasks run`) gets a plain transaction
+        on it.
         """
         if self._transaction is None:
             raise TaskError(
-                "context.transaction() needs a worker or an inline run given an "
-                "engine; this job has no database"
+                "context.transaction() needs a worker, or an inline run given an "
+                "engine (run_inline(task, params, engine=engine)); this run has "
+                "no database"
             )
         return self._transaction()
 
@@ -452,8 +458,9 @@ def run_inline(
     params: Any = None,
     *,
     context: JobContext | None = None,
+    engine: Engine | None = None,
 ) -> Any:
-    """Run a task now, in this process, without the database; return its result.
+    """Run a task now, in this process, without a job row; return its result.
 
     `task_or_fn` is a Task, or the name of one this process has loaded. The
     params go through the same check and JSON round trip as an enqueued
@@ -461,13 +468,18 @@ def run_inline(
     past the task's timeout raises TimeoutError, as a worker fails it,
     whatever it returned.
 
+    Given `engine`, the task's `context.transaction()` is a transaction on
+    it, committed when its block ends and rolled back if it raises; once per
+    run, as in a worker. Without one, a task that asks for it raises
+    TaskError.
+
     A coroutine task is run with `asyncio.run`, so call this outside an event
     loop; inside one, `await task(params)` instead. Past its
     timeout the coroutine is cancelled. A plain function runs on the
     caller's thread, which nothing can stop from outside, so it runs to its
     end first (`dbtasks run` stops one at its timeout with SIGALRM).
     """
-    task, params, context = _inline_run(task_or_fn, params, context)
+    task, params, context = _inline_run(task_or_fn, params, context, engine)
     if task.is_async:
         if not _loop_is_running():
             return asyncio.run(_within_timeout(task, params, context))
@@ -482,10 +494,16 @@ def run_inline(
 
 
 def _inline_run(
-    task_or_fn: Any, params: Any, context: JobContext | None
+    task_or_fn: Any, params: Any, context: JobContext | None,
+    engine: Engine | None = None,
 ) -> tuple[Task, Any, JobContext]:
     """The task, its params as the queue would give them, and its context."""
     task = _inline_task(task_or_fn)
+    if engine is not None and not isinstance(engine, Engine):
+        raise TypeError(
+            f"run_inline's engine must be a SQLAlchemy Engine, got "
+            f"{type(engine).__name__}"
+        )
     if context is None:
         context = JobContext(
             job_id=None,
@@ -493,8 +511,32 @@ def _inline_run(
             attempt=1,
             node="inline",
             logger=logging.getLogger(f"dbtasks.task.{task.name}"),
+            _transaction=None if engine is None else _inline_transaction(engine),
         )
+    elif engine is not None:
+        raise TypeError("give run_inline a context or an engine, not both")
     return task, decode_params(encode_params(params)), context
+
+
+def _inline_transaction(engine: Engine) -> Callable[[], Any]:
+    """context.transaction() of an inline run: a plain transaction on
+    `engine`, refused a second time as a worker refuses it."""
+    opened = False
+
+    @contextmanager
+    def transaction() -> Iterator[Connection]:
+        nonlocal opened
+        if opened:
+            raise JobError(
+                "context.transaction() was used already in this inline run; use "
+                "it once per job, with every write that must commit with the "
+                "job's success inside that one block"
+            )
+        opened = True
+        with engine.begin() as conn:
+            yield conn
+
+    return transaction
 
 
 def _loop_is_running() -> bool:

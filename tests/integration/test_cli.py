@@ -19,7 +19,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, text
 
 from dbtasks.schema import jobs
 from tests.conftest import APP_TASKS, ROOT, sql
@@ -197,6 +197,56 @@ def outcome_tasks(tmp_path: Path) -> Path:
         "    time.sleep(60)\n"
     )
     return folder
+
+
+@pytest.fixture
+def transaction_tasks(tmp_path: Path) -> Path:
+    folder = tmp_path / "transaction_tasks"
+    folder.mkdir()
+    (folder / "notes.py").write_text(
+        "from sqlalchemy import text\n"
+        "from dbtasks import task\n\n"
+        "@task\n"
+        "def writes_note(params, context):\n"
+        "    with context.transaction() as conn:\n"
+        "        insert = text('INSERT INTO inline_notes VALUES (:note)')\n"
+        "        conn.execute(insert, params)\n"
+        "        if params['note'] == 'dropped':\n"
+        "            raise RuntimeError('after the write')\n"
+        "    return 'written'\n\n"
+        "@task\n"
+        "def twice(params, context):\n"
+        "    with context.transaction():\n"
+        "        pass\n"
+        "    with context.transaction():\n"
+        "        pass\n"
+    )
+    return folder
+
+
+def test_run_gives_a_task_its_transaction_on_the_configured_database(
+    database_url, engine, transaction_tasks
+):
+    with engine.begin() as conn:
+        conn.execute(text("CREATE TABLE inline_notes (note VARCHAR(20) NOT NULL)"))
+    try:
+        kept = cli("run", "writes_note", "--params", '{"note": "kept"}',
+                   database_url=database_url, tasks=transaction_tasks)
+        dropped = cli("run", "writes_note", "--params", '{"note": "dropped"}',
+                      database_url=database_url, tasks=transaction_tasks)
+        twice = cli("run", "twice", database_url=database_url,
+                    tasks=transaction_tasks)
+
+        assert (kept.returncode, kept.stdout) == (0, '"written"\n'), kept.stderr
+        assert dropped.returncode == 1
+        assert dropped.stderr.rstrip().endswith("RuntimeError: after the write")
+        assert twice.returncode == 1
+        assert "JobError: context.transaction() was used already in this inline " \
+            "run" in twice.stderr
+        assert sql(engine, "SELECT note FROM inline_notes") == [("kept",)]
+    finally:
+        with engine.begin() as conn:
+            conn.execute(text("DROP TABLE inline_notes"))
 
 
 @pytest.mark.parametrize(

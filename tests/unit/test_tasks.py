@@ -14,12 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import create_engine, text
 
 from dbtasks import (
     ConfigError,
     DuplicateTask,
     InvalidParams,
     JobContext,
+    JobError,
     Registry,
     Retry,
     TaskDefinitionError,
@@ -622,13 +624,47 @@ def test_run_inline_takes_a_loaded_task_by_name_and_checks_its_params():
         run_inline(sync_echo, {"x": float("inf")})
 
 
-def test_an_inline_context_has_no_transaction():
+def test_an_inline_context_has_no_transaction_without_an_engine():
     @task(name="unit_wants_transaction")
     def wants(params, context):
         return context.transaction()
 
-    with pytest.raises(TaskError, match="needs a worker"):
+    with pytest.raises(TaskError, match=r"needs a worker, or an inline run given an "
+                       r"engine \(run_inline\(task, params, engine=engine\)\)"):
         run_inline(wants)
+
+
+def test_an_inline_run_given_an_engine_writes_through_its_transaction(tmp_path):
+    """Committed when the block ends, rolled back when it raises, once per run."""
+    engine = create_engine(f"sqlite:///{tmp_path / 'app.db'}")
+    with engine.begin() as conn:
+        conn.execute(text("CREATE TABLE notes (note TEXT NOT NULL)"))
+
+    @task(name=f"unit_writes_{uuid.uuid4().hex[:6]}")
+    def writes(params, context):
+        with context.transaction() as conn:
+            conn.execute(text("INSERT INTO notes VALUES (:note)"), params)
+            if params["note"] == "dropped":
+                raise RuntimeError("after the write")
+        return "written"
+
+    @task(name=f"unit_twice_{uuid.uuid4().hex[:6]}")
+    def twice(params, context):
+        with context.transaction():
+            pass
+        with context.transaction():
+            pass
+
+    assert run_inline(writes, {"note": "kept"}, engine=engine) == "written"
+    with pytest.raises(RuntimeError, match="after the write"):
+        run_inline(writes, {"note": "dropped"}, engine=engine)
+    with pytest.raises(JobError, match="used already in this inline run"):
+        run_inline(twice, engine=engine)
+    with pytest.raises(TypeError, match="must be a SQLAlchemy Engine, got str"):
+        run_inline(writes, {"note": "x"}, engine="sqlite:///app.db")
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT note FROM notes")).all() == [("kept",)]
+    engine.dispose()
 
 
 @pytest.mark.parametrize("delay", [1e308, float("nan"), -1, "soon", True,
