@@ -66,9 +66,9 @@ sys.path.insert(0, str(ROOT / "tools"))
 
 from bench_tasks.bench import bench_noop, bench_pickup  # noqa: E402
 
-from dbtasks import enqueue, enqueue_many  # noqa: E402
+from dbtasks import claim, enqueue, enqueue_many, queries  # noqa: E402
 from dbtasks.config import config_from_env  # noqa: E402
-from dbtasks.database import create_queue_engine  # noqa: E402
+from dbtasks.database import RawStatement, create_queue_engine  # noqa: E402
 from dbtasks.migrate import upgrade  # noqa: E402
 
 TASKS = ROOT / "tools" / "bench_tasks"
@@ -429,6 +429,51 @@ def _plain_insert_loop(url: str, count: int, offset: int, ready: Any, go: Any,
         ended.put(time.time())
 
 
+def _transaction_insert_loop(url: str, count: int, offset: int, ready: Any, go: Any,
+                             ended: Any) -> None:
+    """The plain loop's INSERT on the driver's connection, in the transactions
+    of a SQLAlchemy Connection, as an enqueue is on PostgreSQL (jobs.py sends
+    its INSERT to psycopg directly): what SQLAlchemy's begin and commit cost
+    any enqueue."""
+    payload = json.dumps(PARAM)
+    engine = app_engine(url)
+    with engine.connect() as conn:
+        conn.execute(text("SELECT 1"))
+        conn.rollback()
+        ready.set()
+        go.wait()
+        for _ in range(count):
+            with conn.begin():
+                conn.connection.dbapi_connection.execute(
+                    "INSERT INTO plain_rows (payload) VALUES (%s)", (payload,))
+        ended.put(time.time())
+    engine.dispose()
+
+
+def _job_row_loop(url: str, count: int, offset: int, ready: Any, go: Any,
+                  ended: Any) -> None:
+    """The INSERT an enqueue sends, with its values, in a plain psycopg loop
+    (sent as jobs.py sends it, by RawStatement): what the job row costs the
+    server and the driver, without the rest of enqueue or SQLAlchemy."""
+    engine = app_engine(url)
+    insert = RawStatement(
+        queries.insert_job("postgresql", with_run_at=False, idempotent=False),
+        engine.dialect,
+    )
+    engine.dispose()
+    values = {"task": bench_noop.name, "queue": bench_noop.queue,
+              "priority": bench_noop.priority, "max_attempts": bench_noop.max_attempts,
+              "idempotency_key": None}
+    with psycopg.connect(plain(url)) as conn:
+        ready.set()
+        go.wait()
+        for n in range(offset, offset + count):
+            values["params"] = json.dumps({**PARAM, "n": n})
+            insert.execute(conn, values)
+            conn.commit()
+        ended.put(time.time())
+
+
 def in_processes(target: Callable[..., None], url: str, total: int,
                  processes: int) -> float:
     """Run `target` in `processes` processes at once; return rows per second,
@@ -480,6 +525,16 @@ def w1_enqueue(run: Run, kind: str) -> None:
     finally:
         run.databases.drop(url)
 
+    if kind == "postgresql":
+        url = run.databases.new(kind)
+        try:
+            run.results.add(
+                "ref_job_row", in_processes(_job_row_loop, url, count, 1),
+                name="reference: enqueue's INSERT in a plain psycopg loop",
+                baseline=f"base_insert_{kind}", **{**spec, "workload": "baseline"})
+        finally:
+            run.databases.drop(url)
+
     url = run.databases.new(kind)
     try:
         rate = in_processes(_enqueue_loop, url, count, 8)
@@ -516,6 +571,13 @@ def baselines_insert(run: Run, kind: str) -> None:
         run.results.add(f"base_insert8_{kind}", in_processes(
             _plain_insert_loop, url, count, 8), name="plain insert loop, 8 processes",
             **spec)
+        if kind == "postgresql":
+            # Not baselines: how far W1's targets can be met at all.
+            run.results.add(
+                "ref_insert_transactions", in_processes(
+                    _transaction_insert_loop, url, count, 1),
+                name="reference: plain insert loop in SQLAlchemy transactions",
+                baseline=f"base_insert_{kind}", **spec)
         run.results.add(f"base_bulk_{kind}", _plain_bulk_insert(url, count),
                         name="plain insert of N rows, 1 transaction", **spec)
     finally:
@@ -740,24 +802,18 @@ def baseline_notify(run: Run) -> None:
     url = run.databases.new("postgresql", migrate=False)
     try:
         create_plain_table(url)
-        ready = threading.Event()
-        done: dict[int, float] = {}
-        listener = threading.Thread(
-            target=_notified_claims, args=(url, run.size["pickups"], ready, done),
-            daemon=True,
-        )
-        listener.start()
-        ready.wait(30)
-        committed: dict[int, float] = {}
-        with psycopg.connect(plain(url)) as conn:
-            for n in range(run.size["pickups"]):
-                conn.execute("INSERT INTO plain_rows (payload) VALUES (%s)", (str(n),))
-                conn.execute("NOTIFY bench_rows")
-                conn.commit()
-                committed[n] = time.time()
-                time.sleep(0.02)
-        listener.join(30)
-        latencies = [(done[n] - committed[n]) * 1000 for n in committed if n in done]
+
+        def insert(conn: psycopg.Connection[Any], n: int) -> None:
+            conn.execute("INSERT INTO plain_rows (payload) VALUES (%s)", (str(n),))
+
+        def take(conn: psycopg.Connection[Any]) -> list[int]:
+            rows = conn.execute(
+                "DELETE FROM plain_rows WHERE id = ANY(ARRAY(SELECT id FROM plain_rows "
+                "ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED)) RETURNING payload"
+            ).fetchall()
+            return [int(payload) for (payload,) in rows]
+
+        latencies = _notified_round_trips(url, run.size["pickups"], insert, take)
         run.results.add("base_notify", statistics.median(latencies),
                         name="raw NOTIFY to LISTEN, then a one-row claim (median)",
                         workload="baseline", database="postgresql", unit="ms",
@@ -766,8 +822,74 @@ def baseline_notify(run: Run) -> None:
         run.databases.drop(url)
 
 
+def reference_notified_claim(run: Run) -> None:
+    """The same round trip with dbtasks' job row and claim statement in place
+    of the plain table's: how much of W3's time the claim itself takes, with
+    none of the worker's Python around it. Not a baseline: a reference."""
+    url = run.databases.new("postgresql")
+    engine = app_engine(url)
+    new_job = RawStatement(
+        queries.insert_job("postgresql", with_run_at=False, idempotent=False),
+        engine.dialect,
+    )
+    claim_jobs = RawStatement(claim.claim_any_jobs_postgresql(10), engine.dialect)
+    engine.dispose()
+    try:
+        def insert(conn: psycopg.Connection[Any], n: int) -> None:
+            new_job.execute(conn, {
+                "task": bench_pickup.name, "queue": bench_pickup.queue,
+                "params": json.dumps({"n": n}), "priority": bench_pickup.priority,
+                "max_attempts": bench_pickup.max_attempts, "idempotency_key": None,
+            })
+
+        def take(conn: psycopg.Connection[Any]) -> list[int]:
+            token = uuid.uuid4().hex
+            rows = claim_jobs.execute(conn, {
+                "node_name": "reference", "token": token, "lease": 30.0,
+                "claim_queue": bench_pickup.queue, "tasks": [bench_pickup.name],
+            })
+            return [json.loads(claim.ClaimedJob(*row, token=token).params)["n"]
+                    for row in rows]
+
+        latencies = _notified_round_trips(url, run.size["pickups"], insert, take)
+        run.results.add("ref_notified_claim", statistics.median(latencies),
+                        name="reference: raw NOTIFY, then dbtasks' claim (median)",
+                        workload="baseline", database="postgresql", unit="ms",
+                        higher_is_better=False, baseline="base_notify")
+    finally:
+        run.databases.drop(url)
+
+
+def _notified_round_trips(
+    url: str,
+    count: int,
+    insert: Callable[[psycopg.Connection[Any]], None],
+    take: Callable[[psycopg.Connection[Any]], list[int]],
+) -> list[float]:
+    """Milliseconds from each commit of `insert` and a NOTIFY to `take`
+    returning its row on a listening session, `count` rows 20 ms apart."""
+    ready = threading.Event()
+    done: dict[int, float] = {}
+    listener = threading.Thread(
+        target=_notified_claims, args=(url, count, ready, done, take), daemon=True,
+    )
+    listener.start()
+    ready.wait(30)
+    committed: dict[int, float] = {}
+    with psycopg.connect(plain(url)) as conn:
+        for n in range(count):
+            insert(conn, n)
+            conn.execute("NOTIFY bench_rows")
+            conn.commit()
+            committed[n] = time.time()
+            time.sleep(0.02)
+    listener.join(30)
+    return [(done[n] - committed[n]) * 1000 for n in committed if n in done]
+
+
 def _notified_claims(url: str, count: int, ready: threading.Event,
-                     done: dict[int, float]) -> None:
+                     done: dict[int, float],
+                     take: Callable[[psycopg.Connection[Any]], list[int]]) -> None:
     with psycopg.connect(plain(url), autocommit=True) as conn:
         conn.execute("LISTEN bench_rows")
         ready.set()
@@ -777,12 +899,8 @@ def _notified_claims(url: str, count: int, ready: threading.Event,
             # One notification at a time: the generator holds the connection.
             if not list(conn.notifies(timeout=5, stop_after=1)):
                 continue
-            rows = conn.execute(
-                "DELETE FROM plain_rows WHERE id = ANY(ARRAY(SELECT id FROM plain_rows "
-                "ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED)) RETURNING payload"
-            ).fetchall()
-            for (payload,) in rows:
-                done[int(payload)] = time.time()
+            for n in take(conn):
+                done[n] = time.time()
                 claimed += 1
 
 
@@ -1068,6 +1186,7 @@ def main() -> int:
                 steps.append(("pgbench", lambda: baselines_pgbench(run)))
             if "postgresql" in kinds and "W3" in chosen:
                 steps.append(("notify", lambda: baseline_notify(run)))
+                steps.append(("notified claim", lambda: reference_notified_claim(run)))
             for kind in kinds:
                 if "W1" in chosen:
                     steps.append((f"inserts {kind}",
