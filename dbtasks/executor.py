@@ -30,7 +30,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
-from dbtasks.tasks import plain_result, timeout_message
+from dbtasks.tasks import plain_result, within_timeout
 
 logger = logging.getLogger(__name__)
 
@@ -195,25 +195,12 @@ def _settle(run: Run, future: Future[Any]) -> None:
 
 
 async def _bounded(run: Run) -> Any:
-    """Run the coroutine within its timeout, which ends in a TimeoutError that
-    says so (told apart here, inside the loop: the future that carries the
-    outcome to other threads replaces the error and loses its cause)."""
-    started = time.monotonic()
-    try:
-        result = await asyncio.wait_for(
-            _contained(run.fn(run.params, run.context)), timeout=run.timeout
-        )
-    except asyncio.TimeoutError as error:
-        if not isinstance(error.__cause__, asyncio.CancelledError):
-            raise  # the task's own TimeoutError, a failure like any other
-        timeout = TimeoutError(timeout_message(run.context.task, run.timeout))
-        raise _Escaped(timeout) from None
-    if run.timeout is not None and time.monotonic() - started > run.timeout:
-        # It blocked the loop past its timeout, or swallowed the cancellation
-        # and returned: a failure all the same, as run_inline says.
-        timeout = TimeoutError(timeout_message(run.context.task, run.timeout))
-        raise _Escaped(timeout)
-    return result
+    """Run the coroutine within its timeout (tasks.within_timeout), whose
+    TimeoutError leaves the loop wrapped, as it is."""
+    return await within_timeout(
+        run.context.task, run.timeout, _contained(run.fn(run.params, run.context)),
+        escape=_Escaped,
+    )
 
 
 class _Escaped(Exception):

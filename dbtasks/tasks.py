@@ -22,7 +22,7 @@ import math
 import pkgutil
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -590,16 +590,36 @@ def plain_result(task: str, result: Any) -> Any:
 
 
 async def _within_timeout(task: Task, params: Any, context: JobContext) -> Any:
+    return await within_timeout(task.name, task.timeout, task.fn(params, context))
+
+
+async def within_timeout(
+    task: str,
+    timeout: float | None,
+    awaitable: Awaitable[Any],
+    escape: Callable[[TimeoutError], BaseException] = lambda error: error,
+) -> Any:
+    """Await a run of `task` under its timeout; the one rule, inline and in a
+    worker.
+
+    Past the timeout the run is cancelled, and fails with a TimeoutError that
+    says so, raised as `escape` makes it (a worker carries it out of its
+    event loop wrapped). So does a run that ended past it all the same: it
+    blocked the loop, or swallowed the cancellation and returned. A
+    TimeoutError of the task's own passes as it is, a failure like any other.
+    """
     started = time.monotonic()
     try:
-        result = await asyncio.wait_for(task.fn(params, context), timeout=task.timeout)
+        result = await asyncio.wait_for(awaitable, timeout=timeout)
     except asyncio.TimeoutError as error:
+        # Told apart here, inside the loop: wait_for's own has the
+        # cancellation as its cause, which a future carrying the error to
+        # another thread would drop.
         if not isinstance(error.__cause__, asyncio.CancelledError):
-            raise  # the task's own TimeoutError
-        raise TimeoutError(timeout_message(task.name, task.timeout)) from None
-    # Past its timeout all the same: it blocked the loop, or swallowed the
-    # cancellation and returned.
-    _check_in_time(task, time.monotonic() - started)
+            raise
+        raise escape(TimeoutError(timeout_message(task, timeout))) from None
+    if timeout is not None and time.monotonic() - started > timeout:
+        raise escape(TimeoutError(timeout_message(task, timeout)))
     return result
 
 
