@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,9 +55,11 @@ def name_problem(name: object, limit: int) -> str | None:
     one rule, wherever a name is given (@task, enqueue, `dbtasks worker
     --queues` and `--node`).
 
-    A name is 1 to `limit` characters of plain text: no surrounding spaces,
-    no control characters, no lone surrogate (which no database can store).
-    The caller says which name it is and raises its own error.
+    A name is 1 to `limit` characters of printable text: no surrounding
+    spaces, no control characters, no lone surrogate (which no database can
+    store), and none that is invisible or breaks a line where the name is
+    shown (a zero-width space, a line separator: str.isprintable). The
+    caller says which name it is and raises its own error.
     """
     if not isinstance(name, str) or not 1 <= len(name) <= limit:
         return f"must be a name of 1 to {limit} characters, got {name!r:.80}"
@@ -64,6 +67,13 @@ def name_problem(name: object, limit: int) -> str | None:
         return f"{name!r:.80} has surrounding spaces or control characters"
     if not is_encodable(name):
         return f"{name!r:.80} has a lone surrogate, which no database can store"
+    if not name.isprintable():
+        odd = next(character for character in name if not character.isprintable())
+        return (
+            f"{name!r:.80} has U+{ord(odd):04X} "
+            f"({unicodedata.name(odd, 'unnamed')}), which is not printable "
+            "text; use letters, digits, punctuation and plain spaces"
+        )
     return None
 
 

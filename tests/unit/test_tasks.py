@@ -135,6 +135,11 @@ def test_no_timeout_and_a_float_frequency_are_accepted():
         ({"name": "x" * 201}, "task name must be a name of 1 to 200 characters"),
         ({"name": "bad\ud800"}, "has a lone surrogate"),
         ({"queue": "q\ud800"}, "has a lone surrogate"),
+        ({"name": "line\u2028break"}, "has U+2028 (LINE SEPARATOR), which is not "
+         "printable text; use letters, digits, punctuation and plain spaces"),
+        ({"queue": "zero\u200bwidth"}, "has U+200B (ZERO WIDTH SPACE), which is not "
+         "printable text"),
+        ({"queue": "del\x7f"}, "has U+007F (unnamed), which is not printable"),
         ({"frequency": 1e-9}, "frequency must be 0 (run only when enqueued) or at "
          "least 0.1 seconds, got 1e-09"),
     ],
@@ -145,6 +150,7 @@ def test_no_timeout_and_a_float_frequency_are_accepted():
          "priority-range", "priority-type", "empty-queue", "long-queue",
          "comma-queue", "padded-name",
          "control-name", "long-name", "surrogate-name", "surrogate-queue",
+         "line-separator-name", "zero-width-queue", "delete-queue",
          "tiny-frequency"],
 )
 def test_bad_settings_are_refused_where_the_function_is(settings, message):
