@@ -13,6 +13,7 @@ whole raises `TaskError`: a worker never runs with half of its tasks.
 from __future__ import annotations
 
 import asyncio
+import functools
 import importlib
 import importlib.machinery
 import importlib.util
@@ -168,7 +169,8 @@ def task(
             raise TaskError(f"{where}: @task must decorate a function, not {fn!r}")
         _check_signature(fn, where)
         declared = Task(
-            name=_check_name(name if name is not None else fn.__name__, where),
+            name=_check_name(name if name is not None else _default_name(fn, where),
+                             where),
             fn=fn,
             description=description if description is not None else _summary(fn),
             scope=_check_scope(scope, where),
@@ -210,15 +212,33 @@ def _check_signature(fn: Callable[..., Any], where: str) -> None:
         ) from None
 
 
+def _underlying(fn: Any) -> Any:
+    """The function a functools.partial calls, whose name, docstring and
+    source line are the task's; anything else as it is."""
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    return fn
+
+
 def _where(fn: Any) -> str:
-    code = getattr(fn, "__code__", None)
+    code = getattr(_underlying(fn), "__code__", None)
     if code is None:
         return f"task {getattr(fn, '__name__', fn)!r}"
     return f"{code.co_filename}:{code.co_firstlineno}"
 
 
+def _default_name(fn: Any, where: str) -> str:
+    name = getattr(_underlying(fn), "__name__", None)
+    if not isinstance(name, str):
+        raise TaskError(
+            f"{where}: it has no __name__ to name the task by; give it one "
+            "with @task(name=...)"
+        )
+    return name
+
+
 def _summary(fn: Callable[..., Any]) -> str:
-    doc = inspect.getdoc(fn) or ""
+    doc = inspect.getdoc(_underlying(fn)) or ""
     return doc.strip().splitlines()[0] if doc.strip() else ""
 
 

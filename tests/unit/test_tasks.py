@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import sys
 import textwrap
@@ -211,6 +212,36 @@ def test_extra_parameters_with_defaults_are_fine():
         pass
 
     assert roomy.name == "unit_roomy"
+
+
+def test_a_partial_is_named_and_described_by_the_function_it_calls():
+    def unit_send(params, context, *, channel):
+        """Send a message on a channel.
+
+        More about it."""
+        return channel
+
+    sends_mail = task(functools.partial(unit_send, channel="mail"))
+
+    assert (sends_mail.name, sends_mail.description) == (
+        "unit_send", "Send a message on a channel.")
+    assert run_inline(sends_mail) == "mail"
+
+
+def test_a_callable_without_a_name_must_be_given_one():
+    class Sender:
+        """Sends things."""
+
+        def __call__(self, params, context):
+            return "sent"
+
+    with pytest.raises(TaskError, match=r"it has no __name__ to name the task by; "
+                       r"give it one with @task\(name=...\)"):
+        task(Sender())
+    named = task(name="unit_sender")(Sender())
+    assert (named.name, named.description, run_inline(named)) == (
+        "unit_sender", "Sends things.", "sent")
+
 
 # --- the registry --------------------------------------------------------------
 
