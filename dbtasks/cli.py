@@ -188,6 +188,7 @@ def list_tasks(config: Config) -> None:
 def _parse_json(text: str) -> Any:
     try:
         return json.loads(text, parse_constant=_refuse_constant,
+                          parse_int=_read_integer,
                           object_pairs_hook=_refuse_repeated_keys)
     except ValueError as exc:
         raise click.BadParameter(
@@ -204,6 +205,18 @@ def _refuse_repeated_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
             raise ValueError(f"the key {key!r} is given more than once")
         seen.add(key)
     return dict(pairs)
+
+
+def _read_integer(digits: str) -> int:
+    try:
+        return int(digits)
+    except ValueError:
+        # Past Python's limit on digits read as an integer (4,300 by default),
+        # whose own message tells a shell user to call a Python function.
+        raise ValueError(
+            f"an integer of {len(digits.lstrip('-')):,} digits is longer than "
+            "Python reads; pass it as a string"
+        ) from None
 
 
 def _refuse_constant(name: str) -> Any:

@@ -443,8 +443,10 @@ def test_a_wrong_password_on_migrate_is_one_line(password_postgres):
 INVALID_JSON = pytest.mark.parametrize(
     "params, expected",
     [("{bad", "not valid JSON"), ('{"x": NaN}', "NaN is not allowed in params"),
-     ('{"a": 1, "b": {"c": 2, "c": 3}}', "the key 'c' is given more than once")],
-    ids=["broken", "nan", "repeated-key"],
+     ('{"a": 1, "b": {"c": 2, "c": 3}}', "the key 'c' is given more than once"),
+     ('{"n": -' + "9" * 5000 + "}", "an integer of 5,000 digits is longer than "
+      "Python reads; pass it as a string")],
+    ids=["broken", "nan", "repeated-key", "huge-integer"],
 )
 
 
