@@ -37,7 +37,15 @@ MAX_PARAMS_DEPTH = 100
 MAX_INT_BITS = 14_000
 
 _encoder = json.JSONEncoder(allow_nan=False, separators=(",", ":"))
-_decoder = json.JSONDecoder()
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+# Reads what enqueue wrote, and refuses what it never writes: NaN and
+# Infinity, which Python's JSON reader takes by default.
+_decoder = json.JSONDecoder(parse_constant=_refuse_constant)
 
 
 def encode_params(params: Any) -> str:
@@ -62,6 +70,8 @@ def encode_params(params: Any) -> str:
 
 
 def decode_params(text: str) -> Any:
+    """The params of a stored job; ValueError for a text enqueue would not
+    have written (changed by hand or by another program)."""
     return _decoder.decode(text)
 
 

@@ -372,12 +372,17 @@ def test_a_job_whose_params_are_not_json_fails_and_the_worker_goes_on(
     assert worker.process.poll() is None
 
 
+@pytest.mark.parametrize(("raw", "reason"), [
+    ("{not json", "Expecting property name enclosed in double quotes"),
+    ('{"ratio": NaN}', "NaN is not JSON"),
+], ids=["broken", "nan"])
 def test_a_job_whose_params_are_not_json_fails_at_once_saying_so(
-    pg_url, engine_pg, start_worker
+    pg_url, engine_pg, start_worker, raw, reason
 ):
     # The task allows 5 attempts; the worker, not the database, decides that
-    # none is worth it, so PostgreSQL alone is enough.
-    broken = enqueue_with_raw_params(engine_pg, "{not json")
+    # none is worth it, so PostgreSQL alone is enough. NaN is what Python's
+    # JSON reader takes, and enqueue never writes.
+    broken = enqueue_with_raw_params(engine_pg, raw)
     start_worker(pg_url)
 
     wait_for(lambda: job_row(engine_pg, broken)[1:3] == (1, None),
@@ -387,7 +392,7 @@ def test_a_job_whose_params_are_not_json_fails_at_once_saying_so(
     last_line = last_error.rsplit("\n", 1)[-1]
     # No retry can mend stored params: the first attempt is the last.
     assert (state, attempt) == ("failed", 1)
-    assert f"params of job {broken} are not valid JSON" in last_line
+    assert f"params of job {broken} are not valid JSON ({reason}" in last_line
 
 
 # --- params that must reach the task exactly --------------------------------------
@@ -845,7 +850,7 @@ CATALOGUE: list[tuple[str, list[str]]] = [
     ("a node name too long, padded or with control characters", [
         "test_bad_inputs::test_a_worker_refuses_a_node_name_its_logs_and_rows_"
         "cannot_hold"]),
-    ("a job whose stored params are not valid JSON", [
+    ("a job whose stored params are not valid JSON, or hold NaN", [
         "test_security::test_hostile_rows_in_the_jobs_table_run_nothing_outside_"
         "the_registry",
         "test_bad_inputs::test_a_job_whose_params_are_not_json_fails_and_the_worker_"
