@@ -56,7 +56,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-from sqlalchemy import create_engine, text
+from sqlalchemy import Connection, create_engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
 
@@ -74,8 +74,9 @@ from dbtasks.migrate import upgrade  # noqa: E402
 TASKS = ROOT / "tools" / "bench_tasks"
 LOCAL_POSTGRES = "postgresql://postgres@127.0.0.1:5432/postgres"
 
-#: The small JSON param every job carries.
+#: The small JSON param every job carries, and the plain loops' row.
 PARAM = {"user_id": 12345, "kind": "welcome"}
+PAYLOAD = json.dumps(PARAM)
 
 #: The other queues' figures the issue quotes for this machine type: the
 #: fastest drain of 10,000 jobs, timed from the worker's start.
@@ -391,6 +392,17 @@ def drain(url: str, jobs: int, logs: Path, *, since_id: int = 0, workers: int = 
 
 def _enqueue_loop(url: str, count: int, offset: int, ready: Any, go: Any,
                   ended: Any) -> None:
+    _in_transactions(url, count, offset, ready, go, ended, _enqueue_one)
+
+
+def _enqueue_one(conn: Connection, n: int) -> None:
+    enqueue(conn, bench_noop, {**PARAM, "n": n})
+
+
+def _in_transactions(url: str, count: int, offset: int, ready: Any, go: Any,
+                     ended: Any, write: Callable[[Connection, int], None]) -> None:
+    """`write` each n in a transaction of its own, on one SQLAlchemy
+    Connection of an application's engine."""
     engine = app_engine(url)
     with engine.connect() as conn:
         conn.execute(text("SELECT 1"))
@@ -399,7 +411,7 @@ def _enqueue_loop(url: str, count: int, offset: int, ready: Any, go: Any,
         go.wait()
         for n in range(offset, offset + count):
             with conn.begin():
-                enqueue(conn, bench_noop, {**PARAM, "n": n})
+                write(conn, n)
         ended.put(time.time())
     engine.dispose()
 
@@ -435,19 +447,12 @@ def _transaction_insert_loop(url: str, count: int, offset: int, ready: Any, go: 
     of a SQLAlchemy Connection, as an enqueue is on PostgreSQL (jobs.py sends
     its INSERT to psycopg directly): what SQLAlchemy's begin and commit cost
     any enqueue."""
-    payload = json.dumps(PARAM)
-    engine = app_engine(url)
-    with engine.connect() as conn:
-        conn.execute(text("SELECT 1"))
-        conn.rollback()
-        ready.set()
-        go.wait()
-        for _ in range(count):
-            with conn.begin():
-                conn.connection.dbapi_connection.execute(
-                    "INSERT INTO plain_rows (payload) VALUES (%s)", (payload,))
-        ended.put(time.time())
-    engine.dispose()
+    _in_transactions(url, count, offset, ready, go, ended, _plain_insert_one)
+
+
+def _plain_insert_one(conn: Connection, n: int) -> None:
+    conn.connection.dbapi_connection.execute(
+        "INSERT INTO plain_rows (payload) VALUES (%s)", (PAYLOAD,))
 
 
 def _job_row_loop(url: str, count: int, offset: int, ready: Any, go: Any,

@@ -194,20 +194,10 @@ def outcome_tasks(tmp_path: Path) -> Path:
         "@task(timeout=0.5)\n"
         "async def blocks_loop(params, context):\n"
         "    import time\n"
-        "    time.sleep(60)\n"
-    )
-    return folder
-
-
-@pytest.fixture
-def transaction_tasks(tmp_path: Path) -> Path:
-    folder = tmp_path / "transaction_tasks"
-    folder.mkdir()
-    (folder / "notes.py").write_text(
-        "from sqlalchemy import text\n"
-        "from dbtasks import task\n\n"
+        "    time.sleep(60)\n\n"
         "@task\n"
         "def writes_note(params, context):\n"
+        "    from sqlalchemy import text\n"
         "    with context.transaction() as conn:\n"
         "        insert = text('INSERT INTO inline_notes VALUES (:note)')\n"
         "        conn.execute(insert, params)\n"
@@ -225,17 +215,17 @@ def transaction_tasks(tmp_path: Path) -> Path:
 
 
 def test_run_gives_a_task_its_transaction_on_the_configured_database(
-    database_url, engine, transaction_tasks
+    database_url, engine, outcome_tasks
 ):
     with engine.begin() as conn:
         conn.execute(text("CREATE TABLE inline_notes (note VARCHAR(20) NOT NULL)"))
     try:
         kept = cli("run", "writes_note", "--params", '{"note": "kept"}',
-                   database_url=database_url, tasks=transaction_tasks)
+                   database_url=database_url, tasks=outcome_tasks)
         dropped = cli("run", "writes_note", "--params", '{"note": "dropped"}',
-                      database_url=database_url, tasks=transaction_tasks)
+                      database_url=database_url, tasks=outcome_tasks)
         twice = cli("run", "twice", database_url=database_url,
-                    tasks=transaction_tasks)
+                    tasks=outcome_tasks)
 
         assert (kept.returncode, kept.stdout) == (0, '"written"\n'), kept.stderr
         assert dropped.returncode == 1
