@@ -24,8 +24,15 @@ from dbtasks.config import Config, safe_url
 from dbtasks.database import create_queue_engine
 from dbtasks.errors import DatabaseError
 from dbtasks.jobs import enqueue as enqueue_job
-from dbtasks.tasks import Registry, Task, load_tasks, run_inline, timeout_message
-from dbtasks.worker import ASYNC_CANCEL_GRACE, Worker
+from dbtasks.tasks import (
+    ASYNC_CANCEL_GRACE,
+    Registry,
+    Task,
+    load_tasks,
+    run_inline,
+    timeout_message,
+)
+from dbtasks.worker import Worker
 
 logger = logging.getLogger(__name__)
 
@@ -130,17 +137,18 @@ def _alarm_at_timeout(task: Task) -> Iterator[None]:
 
     def ring(signum: int, frame: Any) -> None:
         if task.is_async:
-            # Raised into the event loop, the error would have asyncio.run
-            # cancel the coroutine again and wait for it, for good: end the
+            # Only a coroutine that blocks its loop is still here: the error,
+            # raised into the loop, would be raised inside it. End the
             # process, as a worker retires to end a stuck thread.
             sys.stderr.write(f"TimeoutError: {message}\n")
             sys.stderr.flush()
             os._exit(1)
         raise TimeoutError(message)
 
-    # run_inline cancels a coroutine at its timeout; the alarm, a grace
-    # later, ends one that swallowed the cancellation or blocks its loop.
-    grace = ASYNC_CANCEL_GRACE if task.is_async else 0.0
+    # run_inline cancels a coroutine at its timeout and fails one that
+    # swallowed the cancellation a grace later; the alarm, a grace after
+    # that, ends one that blocks its loop, where run_inline cannot run.
+    grace = 2 * ASYNC_CANCEL_GRACE if task.is_async else 0.0
     previous = signal.signal(signal.SIGALRM, ring)
     signal.setitimer(signal.ITIMER_REAL, task.timeout + grace)
     try:

@@ -493,16 +493,17 @@ def run_inline(
     run, as in a worker. Without one, a task that asks for it raises
     TaskError.
 
-    A coroutine task is run with `asyncio.run`, so call this outside an event
-    loop; inside one, `await task(params)` instead. Past its
-    timeout the coroutine is cancelled. A plain function runs on the
+    A coroutine task is run in an event loop of its own, so call this
+    outside an event loop; inside one, `await task(params)` instead. Past
+    its timeout the coroutine is cancelled, and ASYNC_CANCEL_GRACE later the
+    run fails even if it would not stop. A plain function runs on the
     caller's thread, which nothing can stop from outside, so it runs to its
     end first (`dbtasks run` stops one at its timeout with SIGALRM).
     """
     task, params, context = _inline_run(task_or_fn, params, context, engine)
     if task.is_async:
         if not _loop_is_running():
-            return asyncio.run(_within_timeout(task, params, context))
+            return _run_in_new_loop(_within_timeout(task, params, context))
         raise TaskError(
             f"task {task.name!r} is async and an event loop is running: "
             f"await {task.name}(params) instead of run_inline"
@@ -613,6 +614,12 @@ async def _within_timeout(task: Task, params: Any, context: JobContext) -> Any:
     return await within_timeout(task.name, task.timeout, task.fn(params, context))
 
 
+#: Seconds past its timeout a cancelled coroutine gets to end. One that
+#: swallows the cancellation, or blocks the event loop, must not hold its
+#: caller, its slot or its job for good: it is failed then, and left to run.
+ASYNC_CANCEL_GRACE = 1.0
+
+
 async def within_timeout(
     task: str,
     timeout: float | None,
@@ -622,25 +629,62 @@ async def within_timeout(
     """Await a run of `task` under its timeout; the one rule, inline and in a
     worker.
 
-    Past the timeout the run is cancelled, and fails with a TimeoutError that
+    Past the timeout the run is cancelled and fails with a TimeoutError that
     says so, raised as `escape` makes it (a worker carries it out of its
     event loop wrapped). So does a run that ended past it all the same: it
-    blocked the loop, or swallowed the cancellation and returned. A
+    blocked the loop, or swallowed the cancellation and returned. One that
+    has not ended ASYNC_CANCEL_GRACE after its cancellation is left running,
+    not waited for: asyncio.wait_for would wait for it for good. A
     TimeoutError of the task's own passes as it is, a failure like any other.
     """
     started = time.monotonic()
+    run = asyncio.ensure_future(awaitable)
     try:
-        result = await asyncio.wait_for(awaitable, timeout=timeout)
-    except asyncio.TimeoutError as error:
-        # Told apart here, inside the loop: wait_for's own has the
-        # cancellation as its cause, which a future carrying the error to
-        # another thread would drop.
-        if not isinstance(error.__cause__, asyncio.CancelledError):
-            raise
-        raise escape(TimeoutError(timeout_message(task, timeout))) from None
+        done, _ = await asyncio.wait({run}, timeout=timeout)
+    except asyncio.CancelledError:
+        run.cancel()  # whoever awaits this is being stopped: so is the run
+        raise
+    if not done:
+        run.cancel()
+        await asyncio.wait({run}, timeout=ASYNC_CANCEL_GRACE)
+        run.add_done_callback(_outcome_unwanted)
+        raise escape(TimeoutError(timeout_message(task, timeout)))
+    result = run.result()  # raises what the run raised, as it was raised
     if timeout is not None and time.monotonic() - started > timeout:
         raise escape(TimeoutError(timeout_message(task, timeout)))
     return result
+
+
+def _outcome_unwanted(run: asyncio.Future[Any]) -> None:
+    """Read the late outcome of a run failed at its timeout, so that asyncio
+    does not log it as an exception nobody retrieved."""
+    if not run.cancelled():
+        run.exception()
+
+
+def _run_in_new_loop(coroutine: Awaitable[Any]) -> Any:
+    """asyncio.run, except at the end: tasks still running are cancelled and
+    given ASYNC_CANCEL_GRACE, not waited for without end, since a coroutine
+    that swallows its cancellation would hold the caller for good (asyncio
+    then logs that it was destroyed while pending)."""
+    loop = asyncio.new_event_loop()
+    try:
+        asyncio.set_event_loop(loop)
+        return loop.run_until_complete(coroutine)
+    finally:
+        try:
+            leftovers = asyncio.all_tasks(loop)
+            for leftover in leftovers:
+                leftover.cancel()
+            if leftovers:
+                loop.run_until_complete(
+                    asyncio.wait(leftovers, timeout=ASYNC_CANCEL_GRACE)
+                )
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.run_until_complete(loop.shutdown_default_executor())
+        finally:
+            asyncio.set_event_loop(None)
+            loop.close()
 
 
 def timeout_message(task: str, timeout: float | None) -> str:

@@ -75,7 +75,13 @@ from dbtasks.outcomes import (
     unreadable_params,
 )
 from dbtasks.params import decode_params
-from dbtasks.tasks import JobContext, Registry, Task, timeout_message
+from dbtasks.tasks import (
+    ASYNC_CANCEL_GRACE,
+    JobContext,
+    Registry,
+    Task,
+    timeout_message,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -100,11 +106,6 @@ ABANDONED_THREAD_LIMIT = 10.0
 #: a tenth of its rate writing it (tools/benchmark.py, W2). Every outcome
 #: stays in the jobs table, and failures are all logged.
 SUCCESS_LINES_PER_SECOND = 20
-
-#: Seconds past its timeout a cancelled coroutine gets to end before the worker
-#: fails its job anyway: one that swallows the cancellation, or blocks the event
-#: loop, must not hold its slot and its job for good.
-ASYNC_CANCEL_GRACE = 1.0
 
 #: What a task did that breaks context.transaction()'s promise.
 _EARLY_COMMIT = ("committed inside context.transaction(), which commits the "

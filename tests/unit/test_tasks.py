@@ -32,7 +32,7 @@ from dbtasks import (
     run_inline,
     task,
 )
-from dbtasks.tasks import DEFAULT_TIMEOUT, Task
+from dbtasks.tasks import ASYNC_CANCEL_GRACE, DEFAULT_TIMEOUT, Task
 
 
 @pytest.fixture
@@ -646,6 +646,39 @@ def test_run_inline_fails_a_run_that_ends_past_its_timeout(how):
 
     with pytest.raises(TimeoutError, match=r"ran past its timeout of 0.1s"):
         run_inline(slow)
+
+
+@pytest.mark.parametrize("how", ["run_inline", "awaited"])
+def test_a_coroutine_that_never_stops_fails_a_grace_after_its_timeout(how):
+    """asyncio.wait_for, and asyncio.run's end, would wait for it for good."""
+    async def never_stops(params, context):
+        while True:
+            try:
+                await asyncio.sleep(10)
+            except asyncio.CancelledError:
+                pass
+
+    stubborn = task(name=f"unit_stubborn_{uuid.uuid4().hex[:6]}",
+                    timeout=0.2)(never_stops)
+
+    async def awaited():
+        await stubborn({})
+
+    # An application's loop, which goes on after the failure: not asyncio.run,
+    # whose end would wait for the stubborn coroutine for good.
+    loop = asyncio.new_event_loop()
+    started = time.monotonic()
+    try:
+        with pytest.raises(TimeoutError, match=r"ran past its timeout of 0.2s"):
+            if how == "run_inline":
+                run_inline(stubborn)
+            else:
+                loop.run_until_complete(asyncio.wait_for(awaited(), timeout=30))
+        # Cancelled at 0.2 s, failed a grace later; run_inline's own loop
+        # gives the leftover a grace more at its end.
+        assert time.monotonic() - started < 0.2 + 2 * ASYNC_CANCEL_GRACE + 2
+    finally:
+        loop.close()
 
 
 def test_run_inline_takes_a_loaded_task_by_name_and_checks_its_params():
