@@ -10,12 +10,15 @@ application's own `alembic_version`.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sqlalchemy import Connection, Engine, column, inspect, select, table
+from sqlalchemy import Connection, Engine, column, inspect, select, table, text
 
 from dbtasks.errors import SchemaError
+from dbtasks.queries import LIFELINE_LOCK_CLASS
 from dbtasks.schema import VERSION_TABLE, schema_info
 
 if TYPE_CHECKING:
@@ -70,9 +73,22 @@ def known_revisions() -> set[str]:
     return {script.revision for script in scripts.walk_revisions()}
 
 
+#: The second key of the advisory lock that `dbtasks migrate` holds on
+#: PostgreSQL (the first is queries.LIFELINE_LOCK_CLASS; lifelines draw
+#: theirs from 1 up).
+MIGRATION_LOCK_KEY = 0
+
+
 def upgrade(engine: Engine, schema: str | None, revision: str = "head") -> None:
-    """Create or upgrade dbtasks' tables to `revision`."""
-    with engine.connect() as connection:
+    """Create or upgrade dbtasks' tables to `revision`.
+
+    Safe to run from several places at once (every replica of a deploy, say):
+    on PostgreSQL the migrations run under an advisory lock, one migrator
+    after the other, and each finds the schema as the one before left it; on
+    SQLite each migration's transaction takes the database's write lock.
+    What is logged is what this run applied.
+    """
+    with engine.connect() as connection, _migration_lock(connection):
         before = current_revision(connection, schema)
         if before is not None and before not in known_revisions():
             # Migrated by a newer dbtasks: nothing this code can do. Say so,
@@ -89,13 +105,35 @@ def upgrade(engine: Engine, schema: str | None, revision: str = "head") -> None:
         connection.rollback()
         from alembic import command
 
-        command.upgrade(alembic_config(connection, schema), revision)
+        config = alembic_config(connection, schema)
+        command.upgrade(config, revision)
         connection.commit()
         after = current_revision(connection, schema)
-    if before == after:
+        connection.rollback()
+    applied = config.attributes.get("applied", [])
+    if not applied:
         logger.info("schema already at revision %s", after)
     else:
         logger.info("schema upgraded from %s to %s", before or "empty", after)
+
+
+@contextmanager
+def _migration_lock(connection: Connection) -> Iterator[None]:
+    if connection.dialect.name != "postgresql":
+        yield
+        return
+    key = {"lock_class": LIFELINE_LOCK_CLASS, "key": MIGRATION_LOCK_KEY}
+    connection.execute(text("SELECT pg_advisory_lock(:lock_class, :key)"), key)
+    connection.commit()
+    try:
+        yield
+    finally:
+        if not connection.invalidated:
+            connection.rollback()
+            connection.execute(
+                text("SELECT pg_advisory_unlock(:lock_class, :key)"), key
+            )
+            connection.commit()
 
 
 def current_revision(connection: Connection, schema: str | None) -> str | None:
@@ -123,10 +161,36 @@ def require_current_schema(engine: Engine, schema: str | None) -> None:
     # caller turns it into one line without the password (commands.py).
     with engine.connect() as connection:
         current = current_revision(connection, schema)
+        if current is None:
+            _refuse_missing_schema(connection, schema)
         compatible = None
         if current not in (None, HEAD_REVISION) and current not in known_revisions():
             compatible = compatible_from(connection, schema)
     check_revision(current, compatible)
+
+
+def _refuse_missing_schema(connection: Connection, schema: str | None) -> None:
+    """Say where dbtasks' tables are, if they are in another schema of this
+    PostgreSQL database: a --schema left out or mistyped. Migrating as told
+    would make a second, empty queue, which the application and the workers
+    would not share."""
+    if connection.dialect.name != "postgresql":
+        return
+    others = sorted(connection.execute(
+        text("SELECT table_schema FROM information_schema.tables "
+             "WHERE table_name = :name"),
+        {"name": VERSION_TABLE},
+    ).scalars())
+    if not others:
+        return
+    where = f"schema {schema!r}" if schema else "the default schema (search_path)"
+    found = ", ".join(repr(other) for other in others)
+    raise SchemaError(
+        f"the database has no dbtasks tables in {where}, but has them in "
+        f"schema {found}: pass --schema {others[0]} (or set DBTASKS_SCHEMA="
+        f"{others[0]}); `dbtasks migrate` here would start a separate, empty "
+        "queue"
+    )
 
 
 def check_revision(current: str | None, compatible: str | None = None) -> None:

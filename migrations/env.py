@@ -20,6 +20,10 @@ def include_object(obj, name, type_, reflected, compare_to):  # noqa: ANN001
     return True
 
 
+def _note_applied(ctx, step, heads, run_args) -> None:  # noqa: ANN001
+    context.config.attributes.setdefault("applied", []).append(step.up_revision_id)
+
+
 def run_migrations_online() -> None:
     connection = context.config.attributes["connection"]
     schema = context.config.attributes.get("schema")
@@ -38,6 +42,8 @@ def run_migrations_online() -> None:
         include_object=include_object,
         include_schemas=False,
         transaction_per_migration=True,
+        # What this run applied, for `dbtasks migrate` to report (migrate.py).
+        on_version_apply=_note_applied,
     )
     with context.begin_transaction():
         context.run_migrations()

@@ -141,6 +141,25 @@ def test_migrating_twice_changes_nothing(queue_engine, caplog):
     assert f"schema already at revision {migrate.head_revision()}" in caplog.text
 
 
+def test_migrations_started_at_once_run_one_after_the_other(empty_url, queue_engine):
+    """Every replica of a deploy may run `dbtasks migrate` as it starts."""
+    command = [sys.executable, "-m", "dbtasks", "--database-url", empty_url, "migrate"]
+    migrators = [subprocess.Popen(command, cwd=ROOT, stderr=subprocess.PIPE, text=True)
+                 for _ in range(6)]
+    outputs = [migrator.communicate(timeout=120)[1] for migrator in migrators]
+
+    assert [migrator.returncode for migrator in migrators] == [0] * 6, outputs
+    head = migrate.head_revision()
+    reports = sorted(
+        line.split("dbtasks.migrate: ", 1)[1]
+        for output in outputs for line in output.splitlines()
+        if "dbtasks.migrate: " in line
+    )
+    assert reports == [f"schema already at revision {head}"] * 5 + [
+        f"schema upgraded from empty to {head}"]
+    assert schema_differences(queue_engine) == []
+
+
 def _shape(engine: Engine) -> dict[str, object]:
     inspector = inspect(engine)
     return {
@@ -183,8 +202,18 @@ def test_a_postgresql_schema_holds_every_table(new_database):
         assert table_names(app, "queue_space") == sorted([*QUEUE_TABLES, VERSION_TABLE])
         assert table_names(app, "public") == []
         migrate.require_current_schema(engine, "queue_space")
-        with pytest.raises(SchemaError, match="run `dbtasks migrate`"):
+        # Left out or mistyped, --schema is named: migrating would split the
+        # queue in two.
+        with pytest.raises(SchemaError, match=(
+            r"no dbtasks tables in the default schema \(search_path\), but has "
+            r"them in schema 'queue_space': pass --schema queue_space \(or set "
+            r"DBTASKS_SCHEMA=queue_space\); `dbtasks migrate` here would start a "
+            r"separate, empty queue"
+        )):
             migrate.require_current_schema(engine, None)
+        with pytest.raises(SchemaError, match="no dbtasks tables in schema "
+                           "'queue_spcae', but has them in schema 'queue_space'"):
+            migrate.require_current_schema(engine, "queue_spcae")
 
         with app.begin() as conn:
             job_id = enqueue(conn, noop, {"in": "schema"}, schema="queue_space")
