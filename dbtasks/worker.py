@@ -135,6 +135,9 @@ class RunningJob:
     job: ClaimedJob
     task: Task
     started: float = field(default_factory=time.monotonic)
+    #: When the run ended (time.monotonic): its duration is not the wait to
+    #: record it, which an outage can make long.
+    ended: float | None = None
     deadline: float | None = None
     run: Run | None = None
     #: Set when the task's own context.transaction() recorded the success.
@@ -944,6 +947,7 @@ class Worker:
 
     def _end(self, running: RunningJob, outcome: Outcome | None) -> None:
         """Hand a run's outcome (None: recorded already) to the loop."""
+        running.ended = time.monotonic()
         with self._lock:
             self._running.pop(id(running), None)
             self._ended.append((running, outcome))
@@ -1034,7 +1038,8 @@ class Worker:
 
         if outcome.kind == SUCCEEDED and not self._success_line_allowed():
             return
-        duration_ms = round((time.monotonic() - running.started) * 1000, 1)
+        ended = running.ended if running.ended is not None else time.monotonic()
+        duration_ms = round((ended - running.started) * 1000, 1)
         extra = {**running.fields(self.node), "duration_ms": duration_ms}
         if outcome.kind == SUCCEEDED:
             logger.info(

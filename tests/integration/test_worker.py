@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import re
 import signal
+import time
 from collections import Counter
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, text
 
 from dbtasks import enqueue, enqueue_many
 from dbtasks.clock import utcnow
@@ -478,3 +479,25 @@ def test_finished_jobs_past_retention_are_pruned_and_nothing_else(
         (kept_open, "queued"),
     ]
     assert sql(engine, "SELECT count(*) FROM dbtasks_completions") == [(0,)]
+
+
+def test_a_logged_duration_is_the_run_s_not_the_wait_to_record_it(
+    pg_url, engine_pg, start_worker
+):
+    """An outage, or a lock, can hold up the recording for long after the run."""
+    with engine_pg.begin() as conn:
+        job_id = enqueue(conn, basic.nap, {"sleep": 0.5})
+    worker = start_worker(pg_url)
+    wait_for_state(engine_pg, job_id, "running")
+
+    # The run ends while this lock holds its recording up for three seconds.
+    with engine_pg.begin() as conn:
+        conn.execute(text("SELECT 1 FROM dbtasks_jobs WHERE id = :id FOR UPDATE"),
+                     {"id": job_id})
+        time.sleep(3)
+    wait_for_state(engine_pg, job_id, "succeeded")
+    worker.wait_for_output(f"nap job {job_id} succeeded in ")
+
+    logged = re.search(rf"nap job {job_id} succeeded in ([\d.]+) ms", worker.output)
+    assert logged is not None
+    assert 500 <= float(logged.group(1)) < 2500
