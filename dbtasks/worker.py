@@ -979,6 +979,14 @@ class Worker:
         after; if it raises, the job is cancelled rather than retried.
         """
         job = running.job
+        if running.ended is not None:
+            # A thread the task left behind, or a run past its timeout: the
+            # outcome is the worker's already, and no lease was lost.
+            raise JobError(
+                f"the run of job {job.id} has ended (it returned, or ran past its "
+                "timeout); context.transaction() is for the run itself, not for "
+                "threads it leaves running"
+            )
         if running.transaction_opened:
             raise JobError(
                 f"context.transaction() was used already in job {job.id}; use it "

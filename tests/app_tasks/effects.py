@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 from dbtasks import task
@@ -42,3 +43,17 @@ def transaction_twice(params, context):
         write_run(conn, context, "first")
     with context.transaction() as conn:
         write_run(conn, context, "second")
+
+
+@task(name="transaction_after_return")
+def transaction_after_return(params, context):
+    """Leave a thread behind that asks for the job's transaction too late."""
+    def later() -> None:
+        time.sleep(0.5)
+        try:
+            with context.transaction():
+                pass
+        except Exception as error:  # noqa: BLE001 - what it says is the point
+            record_run(context, "refused", f"{type(error).__name__}: {error}"[:200])
+
+    threading.Thread(target=later).start()

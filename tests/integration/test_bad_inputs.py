@@ -33,6 +33,7 @@ from tests.app_tasks import faults
 from tests.app_tasks.effects import (
     commits_inside,
     commits_then_raises,
+    transaction_after_return,
     transaction_twice,
 )
 from tests.bad_tasks import errors
@@ -552,6 +553,27 @@ def test_a_commit_inside_the_job_transaction_never_has_its_writes_made_twice(
     assert "lease expired" not in worker.output
 
 
+def test_a_thread_left_behind_is_refused_the_job_transaction_saying_why(
+    database_url, engine, start_worker
+):
+    """Not "lease lost": the job succeeded, and no other worker has it."""
+    with engine.begin() as conn:
+        job_id = enqueue(conn, transaction_after_return)
+    start_worker(database_url)
+
+    wait_for_state(engine, job_id, "succeeded")
+    wait_for(lambda: sql(engine, "SELECT note FROM test_runs WHERE job_id = :id "
+                         "AND event = 'refused'", id=job_id),
+             message="the thread left behind to be refused")
+
+    assert sql(engine, "SELECT note FROM test_runs WHERE job_id = :id",
+               id=job_id) == [(
+        f"JobError: the run of job {job_id} has ended (it returned, or ran past "
+        "its timeout); context.transaction() is for the run itself, not for "
+        "threads it leaves running",
+    )]
+
+
 # --- command-line values ----------------------------------------------------------
 
 
@@ -844,9 +866,12 @@ CATALOGUE: list[tuple[str, list[str]]] = [
         "test_bad_inputs::test_a_plain_function_returning_a_coroutine_fails_rather_"
         "than_succeeding",
         "test_tasks::test_run_inline_refuses_a_coroutine_a_plain_function_returned"]),
-    ("a task that commits inside context.transaction(), or opens it twice", [
+    ("a task that commits inside context.transaction(), opens it twice, or "
+     "leaves a thread that opens it after the run", [
         "test_bad_inputs::test_a_commit_inside_the_job_transaction_never_has_its_"
-        "writes_made_twice"]),
+        "writes_made_twice",
+        "test_bad_inputs::test_a_thread_left_behind_is_refused_the_job_transaction_"
+        "saying_why"]),
     ("a node name too long, padded or with control characters", [
         "test_bad_inputs::test_a_worker_refuses_a_node_name_its_logs_and_rows_"
         "cannot_hold"]),
