@@ -369,6 +369,9 @@ class Worker:
             with attempt:
                 if self._stopping.is_set() and attempt.retry_state.attempt_number > 1:
                     return
+                # A step may have nothing to ask of the database this time;
+                # without the probe it would pass for the database's return.
+                self._probe_database()
                 step()
         if self._outage:
             logger.warning(
@@ -377,8 +380,15 @@ class Worker:
             )
             self._outage = False
 
+    def _probe_database(self) -> None:
+        with self.engine.connect() as conn:
+            conn.exec_driver_sql("SELECT 1")
+
     def _sleep_unless_stopping(self, seconds: float) -> None:
-        self._stopping.wait(seconds)
+        """The backoff's wait, cut short by a stop or a sign the database may
+        be back: the lifeline reconnected (it wakes the loop), or a run ended."""
+        self._wake.wait(seconds)
+        self._wake.clear()
 
     def _log_outage(self, error: BaseException | None) -> None:
         if not self._outage:

@@ -339,6 +339,36 @@ def test_a_periodic_series_survives_its_worker_being_killed(
     assert sum(state in open_states for state in states) == 1
 
 
+def test_an_idle_worker_logs_an_outage_once_and_its_end_once(
+    postgres_admin_url, pg_url, engine_pg, start_worker
+):
+    """A pass of the loop with nothing to ask of the database is no sign that
+    the database is back; a reconnected lifeline is, and the loop is on its
+    way at once."""
+    worker = start_worker(pg_url)
+    database = make_url(pg_url).database
+    with psycopg.connect(postgres_admin_url, autocommit=True) as admin:
+        try:
+            admin.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS false')
+            admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = %s AND pid <> pg_backend_pid()", (database,)
+            )
+            worker.wait_for_output("database unavailable")
+            time.sleep(4)
+        finally:
+            admin.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS true')
+    engine_pg.dispose()
+    worker.wait_for_output("database reachable again")
+    with engine_pg.begin() as conn:
+        job_id = enqueue(conn, basic.noop)
+    wait_for(lambda: sql(engine_pg, "SELECT state FROM dbtasks_jobs WHERE id = :id",
+                         id=job_id) == [("succeeded",)], message="the job to run")
+
+    assert worker.output.count("database unavailable") == 1, worker.output
+    assert worker.output.count("database reachable again") == 1, worker.output
+
+
 def test_a_worker_outlives_a_database_that_refuses_new_connections(
     postgres_admin_url, pg_url, engine_pg, start_worker
 ):
