@@ -13,6 +13,7 @@ whole raises `TaskError`: a worker never runs with half of its tasks.
 from __future__ import annotations
 
 import asyncio
+import difflib
 import functools
 import importlib
 import importlib.machinery
@@ -221,9 +222,14 @@ def _underlying(fn: Any) -> Any:
 
 
 def _where(fn: Any) -> str:
+    return _source_line(fn) or f"task {getattr(fn, '__name__', fn)!r}"
+
+
+def _source_line(fn: Any) -> str | None:
+    """`file:line` of the function's definition, or None (no Python code)."""
     code = getattr(_underlying(fn), "__code__", None)
     if code is None:
-        return f"task {getattr(fn, '__name__', fn)!r}"
+        return None
     return f"{code.co_filename}:{code.co_firstlineno}"
 
 
@@ -344,7 +350,7 @@ class Registry:
 
     def add(self, new: Task, origin: str | None = None) -> None:
         """Register a task; the same object twice is fine, a second one is not."""
-        origin = origin or _where(new.fn)
+        origin = _source_line(new.fn) or origin or _where(new.fn)
         known = self._tasks.get(new.name)
         if known is new:
             return
@@ -360,7 +366,11 @@ class Registry:
         try:
             return self._tasks[name]
         except KeyError:
-            raise TaskNotFound(f"no task named {name!r} is loaded") from None
+            close = difflib.get_close_matches(name, self._tasks, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else (
+                "; `dbtasks tasks` lists the loaded ones, from the folder --tasks "
+                "names")
+            raise TaskNotFound(f"no task named {name!r} is loaded{hint}") from None
 
     def __contains__(self, name: object) -> bool:
         return name in self._tasks

@@ -300,8 +300,8 @@ BROKEN_FOLDERS = {
                "{folder}/needs.py: the task module failed to import: "
                "ModuleNotFoundError: No module named 'a_module_nobody_installed'"),
     "duplicate": ({"again.py": GOOD_MODULE},
-                  "task name 'fine' is defined twice: in {folder}/again.py and in "
-                  "{folder}/good.py; rename one of them"),
+                  "task name 'fine' is defined twice: in {folder}/again.py:4 and "
+                  "in {folder}/good.py:4; rename one of them"),
     "scope": ({"bad.py": GOOD_MODULE.replace('"fine"', '"x", scope="every"')},
               "{folder}/bad.py:4: scope must be 'any'"),
     "negative-frequency": (

@@ -263,8 +263,12 @@ def test_the_registry_finds_tasks_by_name():
     assert registry.get("unit_reg_a") is a
     assert "unit_reg_b" in registry
     assert len(registry) == 2
-    with pytest.raises(TaskNotFound, match="no task named 'missing' is loaded"):
+    with pytest.raises(TaskNotFound, match="no task named 'missing' is loaded; "
+                       "`dbtasks tasks` lists the loaded ones"):
         registry.get("missing")
+    with pytest.raises(TaskNotFound, match=r"no task named 'unit_reg_aa' is loaded; "
+                       r"did you mean 'unit_reg_a'\?"):
+        registry.get("unit_reg_aa")
 
 
 # --- loading a folder -----------------------------------------------------------
@@ -446,8 +450,8 @@ def test_two_tasks_with_one_name_in_two_files(tasks_folder):
         load_tasks(folder)
 
     assert str(refused.value) == (
-        f"task name 'unit_twice' is defined twice: in {folder / 'one.py'} and in "
-        f"{folder / 'two.py'}; rename one of them"
+        f"task name 'unit_twice' is defined twice: in {folder / 'one.py'}:4 and in "
+        f"{folder / 'two.py'}:4; rename one of them"
     )
 
 
@@ -466,7 +470,9 @@ def test_two_tasks_with_one_name_in_one_file(tasks_folder):
         """,
     })
 
-    with pytest.raises(DuplicateTask, match="'unit_twice_here' is defined twice"):
+    with pytest.raises(DuplicateTask, match=(
+        r"'unit_twice_here' is defined twice: in .*both.py:4 and in .*both.py:8;"
+    )):
         load_tasks(folder)
 
 
