@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import sys
 from datetime import datetime
@@ -188,7 +189,7 @@ def list_tasks(config: Config) -> None:
 def _parse_json(text: str) -> Any:
     try:
         return json.loads(text, parse_constant=_refuse_constant,
-                          parse_int=_read_integer,
+                          parse_int=_read_integer, parse_float=_read_float,
                           object_pairs_hook=_refuse_repeated_keys)
     except ValueError as exc:
         raise click.BadParameter(
@@ -217,6 +218,14 @@ def _read_integer(digits: str) -> int:
             f"an integer of {len(digits.lstrip('-')):,} digits is longer than "
             "Python reads; pass it as a string"
         ) from None
+
+
+def _read_float(digits: str) -> float:
+    value = float(digits)
+    if math.isinf(value):
+        # JSON has no infinity: 1e999 reads as one, which params refuse.
+        raise ValueError(f"{digits} is beyond a float's range; pass it as a string")
+    return value
 
 
 def _refuse_constant(name: str) -> Any:

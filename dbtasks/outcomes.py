@@ -151,13 +151,14 @@ def storable_text(text: str, limit: int = MAX_ERROR_CHARS) -> str:
 
 
 def cut_middle(text: str, limit: int) -> str:
-    """`text` if it has at most `limit` characters; else its first quarter
-    and last three quarters of that, the cut marked: a traceback's end says
-    what was raised."""
+    """`text` if it has at most `limit` characters; else at most `limit` of
+    them: a quarter from its start, the rest from its end (a traceback's end
+    says what was raised), and the cut marked between."""
     if len(text) <= limit:
         return text
-    head = limit // 4
-    tail = limit - head
+    room = limit - 40  # the marker's length, with a count of up to 13 digits
+    head = room // 4
+    tail = room - head
     cut = len(text) - head - tail
     return f"{text[:head]}\n[... {cut:,} characters cut ...]\n{text[-tail:]}"
 

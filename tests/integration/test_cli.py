@@ -435,8 +435,9 @@ INVALID_JSON = pytest.mark.parametrize(
     [("{bad", "not valid JSON"), ('{"x": NaN}', "NaN is not allowed in params"),
      ('{"a": 1, "b": {"c": 2, "c": 3}}', "the key 'c' is given more than once"),
      ('{"n": -' + "9" * 5000 + "}", "an integer of 5,000 digits is longer than "
-      "Python reads; pass it as a string")],
-    ids=["broken", "nan", "repeated-key", "huge-integer"],
+      "Python reads; pass it as a string"),
+     ('{"x": [1e999]}', "1e999 is beyond a float's range; pass it as a string")],
+    ids=["broken", "nan", "repeated-key", "huge-integer", "infinite-float"],
 )
 
 
