@@ -159,6 +159,10 @@ def require_current_schema(engine: Engine, schema: str | None) -> None:
     not declared compatible with this code."""
     # A DBAPIError (server unreachable, bad password) goes up as it is: the
     # caller turns it into one line without the password (commands.py).
+    if engine.dialect.name == "sqlite" and not Path(
+        engine.url.database or ""
+    ).expanduser().exists():
+        check_revision(None)  # without connecting, which would create the file
     with engine.connect() as connection:
         current = current_revision(connection, schema)
         if current is None:
