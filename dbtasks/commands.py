@@ -174,4 +174,19 @@ def database_error(config: Config, exc: DBAPIError) -> DatabaseError:
     for secret in secrets:
         if secret:
             reason = reason.replace(str(secret), "***")
-    return DatabaseError(f"database {safe_url(config.database_url)}: {reason}")
+    hint = next((fix for clues, fix in _FIXES
+                 if all(clue in reason for clue in clues)), "")
+    return DatabaseError(f"database {safe_url(config.database_url)}: {reason}{hint}")
+
+
+#: What to do about the commonest failures to connect, by phrases of
+#: libpq's message (which carries no SQLSTATE before a session exists).
+_FIXES = (
+    (("Connection refused",), "; is the server running, and listening on that "
+     "host and port?"),
+    (("database \"", "does not exist"), "; create it (createdb), or fix the name "
+     "in the URL"),
+    (("password authentication failed",), "; check the user and password in the "
+     "URL (percent-encode special characters)"),
+    (("could not translate host name",), "; check the host name in the URL"),
+)

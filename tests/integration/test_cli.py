@@ -20,6 +20,7 @@ from pathlib import Path
 import psycopg
 import pytest
 from sqlalchemy import select, text
+from sqlalchemy.engine import make_url
 
 from dbtasks.schema import jobs
 from tests.conftest import APP_TASKS, ROOT, sql
@@ -326,7 +327,16 @@ def test_migrate_on_an_unreachable_server():
 def test_enqueue_on_an_unreachable_server():
     result = cli("enqueue", "noop", database_url=UNREACHABLE)
 
-    assert_clean_error(result, "127.0.0.1:1", "Connection refused")
+    assert_clean_error(result, "127.0.0.1:1", "Connection refused", "; is the server "
+                       "running, and listening on that host and port?")
+
+
+def test_migrate_on_a_database_that_does_not_exist(pg_url):
+    missing = make_url(pg_url).set(database="dbtasks_nowhere_to_be_found")
+    result = cli("migrate", database_url=missing.render_as_string(False))
+
+    assert_clean_error(result, 'database "dbtasks_nowhere_to_be_found" does not '
+                       "exist; create it (createdb), or fix the name in the URL")
 
 
 @pytest.fixture(scope="module")
