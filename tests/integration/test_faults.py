@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import signal
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 
@@ -339,6 +341,23 @@ def test_a_periodic_series_survives_its_worker_being_killed(
     assert sum(state in open_states for state in states) == 1
 
 
+@contextmanager
+def connections_refused(admin_url: str, url: str) -> Iterator[None]:
+    """Cut every connection to the database of `url`, and refuse new ones,
+    as a server does while it shuts down, until the block ends."""
+    database = make_url(url).database
+    with psycopg.connect(admin_url, autocommit=True) as admin:
+        try:
+            admin.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS false')
+            admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = %s AND pid <> pg_backend_pid()", (database,)
+            )
+            yield
+        finally:
+            admin.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS true')
+
+
 def test_an_idle_worker_logs_an_outage_once_and_its_end_once(
     postgres_admin_url, pg_url, engine_pg, start_worker
 ):
@@ -346,18 +365,9 @@ def test_an_idle_worker_logs_an_outage_once_and_its_end_once(
     the database is back; a reconnected lifeline is, and the loop is on its
     way at once."""
     worker = start_worker(pg_url)
-    database = make_url(pg_url).database
-    with psycopg.connect(postgres_admin_url, autocommit=True) as admin:
-        try:
-            admin.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS false')
-            admin.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                "WHERE datname = %s AND pid <> pg_backend_pid()", (database,)
-            )
-            worker.wait_for_output("database unavailable")
-            time.sleep(4)
-        finally:
-            admin.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS true')
+    with connections_refused(postgres_admin_url, pg_url):
+        worker.wait_for_output("database unavailable")
+        time.sleep(4)
     engine_pg.dispose()
     worker.wait_for_output("database reachable again")
     with engine_pg.begin() as conn:
@@ -381,18 +391,9 @@ def test_a_worker_outlives_a_database_that_refuses_new_connections(
     wait_for(lambda: sql(engine_pg, "SELECT count(*) FROM dbtasks_jobs "
                          "WHERE state = 'succeeded'")[0][0] >= 10,
              message="the worker to be busy")
-    database = make_url(pg_url).database
-    with psycopg.connect(postgres_admin_url, autocommit=True) as admin:
-        try:
-            admin.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS false')
-            admin.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                "WHERE datname = %s AND pid <> pg_backend_pid()", (database,)
-            )
-            time.sleep(3)
-            assert worker.process.poll() is None, worker.output
-        finally:
-            admin.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS true')
+    with connections_refused(postgres_admin_url, pg_url):
+        time.sleep(3)
+        assert worker.process.poll() is None, worker.output
     engine_pg.dispose()  # its connections were cut too
 
     wait_for(lambda: sql(engine_pg, "SELECT state, count(*) FROM dbtasks_jobs "
