@@ -12,9 +12,11 @@ import logging
 import math
 import os
 import sys
+import threading
+import traceback
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 
@@ -111,6 +113,32 @@ def worker(config: Config, queues: str, node_timeout: float | None,
 
     if _guard(lambda: commands.worker(_guard(build))):
         _restart_in_place()
+    left = _threads_left()
+    if left:
+        logging.getLogger("dbtasks.worker").warning(
+            "exiting without waiting for %d thread(s) tasks left running: %s",
+            len(left), ", ".join(thread.name for thread in left),
+            extra={"event": "worker.threads_left"},
+        )
+        _exit_now(0)
+
+
+def _threads_left() -> list[threading.Thread]:
+    """Threads a task started and left running, which Python would wait for
+    before the process exits: for good, if they never end. Meanwhile the runs
+    of a stopped worker (daemon threads, handed back to the queue) would go
+    on beside their next attempt elsewhere."""
+    return [thread for thread in threading.enumerate()
+            if thread is not threading.main_thread() and not thread.daemon
+            and thread.is_alive()]
+
+
+def _exit_now(code: int) -> NoReturn:
+    """End the process without waiting for threads (see _threads_left)."""
+    logs.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _restart_in_place() -> None:
@@ -164,17 +192,25 @@ def run(config: Config, task: str, params: str) -> None:
     found = _guard(lambda: commands.load_task(config, task))
     # For the task's context.transaction(); it connects only if that is used.
     engine = _guard(lambda: create_queue_engine(config))
+    code = 1
     try:
         result = commands.run_task(found, values, engine=engine, own_process=True)
+        click.echo(json.dumps(result, default=repr))
+        code = 0
     except (Cancel, Retry) as outcome:
         kind = "cancelled" if isinstance(outcome, Cancel) else "asked to be retried"
         reason = summarize(outcome).partition(": ")[2]
         click.echo(f"task {task} {kind}: {reason}", err=True)
-        sys.exit(1)
     except SystemExit as exited:
         click.echo(f"task {task} called sys.exit({exited.code!r})", err=True)
-        sys.exit(1)
-    click.echo(json.dumps(result, default=repr))
+    except BaseException:  # noqa: BLE001 - the task's failure, KeyboardInterrupt too
+        traceback.print_exc()
+    left = _threads_left()
+    if left:
+        click.echo(f"task {task} left {len(left)} thread(s) running; they end with "
+                   "this process", err=True)
+        _exit_now(code)
+    sys.exit(code)
 
 
 @main.command(name="tasks")

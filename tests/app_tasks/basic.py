@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 from dbtasks import Cancel, Retry, task
@@ -103,3 +104,12 @@ def broadcast(params, context):
 def exits(params, context):
     """End with sys.exit, which must not stop the worker."""
     raise SystemExit(3)
+
+
+@task(name="leaves_thread")
+def leaves_thread(params, context):
+    """Start a thread that outlives the run by far, and is not a daemon (a
+    thread started on a daemon thread would be one, unless told so)."""
+    threading.Thread(target=time.sleep, args=(600,), name="left-behind",
+                     daemon=False).start()
+    return "left"

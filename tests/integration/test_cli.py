@@ -254,6 +254,16 @@ def test_run_of_a_task_that_cancels_or_retries_says_so_in_one_line(
     assert (result.returncode, result.stdout, result.stderr) == (1, "", line + "\n")
 
 
+def test_run_of_a_task_that_leaves_a_thread_running_still_exits():
+    started = time.monotonic()
+    result = cli("run", "leaves_thread")
+
+    assert time.monotonic() - started < 30  # not the thread's ten minutes
+    assert (result.returncode, result.stdout) == (0, '"left"\n'), result.stderr
+    assert result.stderr.endswith(
+        "task leaves_thread left 1 thread(s) running; they end with this process\n")
+
+
 def test_run_of_a_failing_task_shows_its_traceback(outcome_tasks):
     result = cli("run", "fails", tasks=outcome_tasks)
 

@@ -285,6 +285,23 @@ def test_an_async_task_that_will_not_stop_at_its_timeout_is_failed_anyway(
     worker.wait_for_output(f"job {late} timed out; it did not end when cancelled")
 
 
+def test_a_thread_a_task_left_running_does_not_keep_a_stopped_worker_alive(
+    database_url, engine, start_worker
+):
+    """Python waits for such threads before it exits; the worker would then
+    live on, running its handed-back jobs beside their next attempt."""
+    with engine.begin() as conn:
+        job_id = enqueue(conn, basic.leaves_thread)
+    worker = start_worker(database_url)
+    wait_for_state(engine, job_id, "succeeded")
+
+    worker.signal(signal.SIGTERM)
+
+    assert worker.wait(30) == 0
+    assert "exiting without waiting for 1 thread(s) tasks left running: " \
+        "left-behind" in worker.output
+
+
 # --- logging ----------------------------------------------------------------
 
 
