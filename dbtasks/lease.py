@@ -106,18 +106,25 @@ def rescue_expired_jobs(conn: Connection) -> int:
     return len(rows)
 
 
-def any_orphaned_jobs(conn: Connection) -> bool:
-    """Whether some running job's node has lost its lifeline (PostgreSQL)."""
-    found = conn.execute(queries.orphaned_jobs_postgresql, {"limit": 1}).first()
+def any_orphaned_jobs(conn: Connection, rescuer: str) -> bool:
+    """Whether some running job of a node other than `rescuer` has lost its
+    node's lifeline (PostgreSQL)."""
+    found = conn.execute(
+        queries.orphaned_jobs_postgresql, {"limit": 1, "rescuer": rescuer}
+    ).first()
     return found is not None
 
 
-def rescue_orphaned_jobs(conn: Connection) -> int:
-    """Rescue running jobs whose node's lifeline is gone (PostgreSQL only)."""
+def rescue_orphaned_jobs(conn: Connection, rescuer: str) -> int:
+    """Rescue running jobs whose node's lifeline is gone (PostgreSQL only).
+
+    Never the rescuer's own: it is alive, whatever its lifeline, and may be
+    reconnecting it right now.
+    """
     if conn.dialect.name != "postgresql":
         return 0
     rows = conn.execute(
-        queries.orphaned_jobs_postgresql, {"limit": RESCUE_BATCH}
+        queries.orphaned_jobs_postgresql, {"limit": RESCUE_BATCH, "rescuer": rescuer}
     ).all()
     _rescue(conn, rows, _ORPHANED)
     return len(rows)

@@ -64,6 +64,9 @@ class Lifeline(threading.Thread):
         self._connection: Any = None
         self._stopped = threading.Event()
         self.key: int | None = None
+        #: Whether the session holds the lock now: between its loss and the
+        #: reconnect, other nodes take this node's jobs for orphans.
+        self.held = False
 
     def open(self) -> int:
         """Connect, listen, and hold a lock key no live node holds; return the key."""
@@ -71,6 +74,7 @@ class Lifeline(threading.Thread):
         while not self._try_lock(self.key or _draw_key()):
             self.key = None  # held by a live node: draw another
         assert self.key is not None
+        self.held = True
         return self.key
 
     def _connect(self) -> None:
@@ -129,11 +133,13 @@ class Lifeline(threading.Thread):
         try:
             self.open()
             if self.key != old_key:
+                self.held = False  # not while the node row names the old key
                 with self._engine.begin() as conn:
                     conn.execute(
                         queries.set_lifeline_key,
                         {"node_name": self._node, "lifeline_key": self.key},
                     )
+                self.held = True
         except Exception as exc:  # noqa: BLE001 - tried again shortly
             self._close_connection()
             logger.debug("lifeline could not reconnect yet: %s", exc)
@@ -151,6 +157,7 @@ class Lifeline(threading.Thread):
         self._close_connection()
 
     def _close_connection(self) -> None:
+        self.held = False
         if self._connection is not None:
             try:
                 self._connection.close()

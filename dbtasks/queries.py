@@ -436,6 +436,7 @@ orphaned_jobs_postgresql: Select[Any] = (
     .join(nodes, nodes.c.name == jobs.c.lease_owner)
     .where(
         in_state(jobs.c.state, RUNNING),
+        nodes.c.name != bindparam("rescuer"),
         nodes.c.lifeline_key.is_not(None),
         func.pg_postmaster_start_time() < seconds_from_now(-LIFELINE_GRACE),
         ~exists(_lifeline_held),

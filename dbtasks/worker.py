@@ -407,7 +407,8 @@ class Worker:
         self._wake.clear()
         with self._claim_lock:  # the lifeline may claim too (_on_job_notified)
             self._collect_ended()
-            free = 0 if self._stopping.is_set() else self._free_slots()
+            free = 0 if self._stopping.is_set() or self._lifeline_lost() else (
+                self._free_slots())
             # An idle worker that woke only for its maintenance does not claim:
             # nothing new can be due before its next poll.
             look = woken or not self._drained or time.monotonic() >= self._next_poll
@@ -537,6 +538,13 @@ class Worker:
             tokens.update(running.job.token for running, _ in self._ended)
             tokens.update(running.job.token for running, _ in self._unrecorded)
         return sorted(tokens)
+
+    def _lifeline_lost(self) -> bool:
+        """Whether this node's lifeline is down (PostgreSQL). Other workers
+        then take its running jobs for orphans, so it claims none until the
+        lifeline is back: a job it claimed now would be rescued at once, and
+        run twice over."""
+        return self._lifeline is not None and not self._lifeline.held
 
     def _free_slots(self) -> int:
         with self._lock:
@@ -848,10 +856,10 @@ class Worker:
             self._next_rescue = now + RESCUE_INTERVAL
             assert self._autocommit is not None
             with self._autocommit.connect() as conn:
-                orphans = lease.any_orphaned_jobs(conn)
+                orphans = lease.any_orphaned_jobs(conn, self.node)
             if orphans:
                 with self.engine.begin() as conn:
-                    lease.rescue_orphaned_jobs(conn)
+                    lease.rescue_orphaned_jobs(conn, self.node)
         if now < self._next_maintenance:
             return
         self._next_maintenance = now + self.config.heartbeat_interval

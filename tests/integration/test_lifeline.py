@@ -8,8 +8,9 @@ first run's lease still had most of that minute left, which only the lifeline
 from __future__ import annotations
 
 import psycopg
+from sqlalchemy import text
 
-from dbtasks import enqueue
+from dbtasks import enqueue, lease
 from tests.app_tasks.basic import record
 from tests.conftest import sql, wait_for
 
@@ -93,3 +94,30 @@ def test_a_worker_whose_lifeline_is_terminated_reconnects_and_keeps_working(
 def test_without_a_lifeline_the_node_has_no_lock_key(pg_url, engine_pg, start_worker):
     start_worker(pg_url, "--no-lifeline")
     assert sql(engine_pg, "SELECT lifeline_key FROM dbtasks_nodes") == [(None,)]
+
+
+def test_a_node_whose_lifeline_is_down_is_rescued_by_others_never_by_itself(
+    engine_pg,
+):
+    """A live worker reconnecting its lifeline looks dead to the others; to
+    itself it is not, and it must not take back the jobs it is running."""
+    with engine_pg.begin() as conn:
+        conn.execute(text(
+            "INSERT INTO dbtasks_nodes (name, hostname, pid, tasks, queues, "
+            "registered_at, heartbeat_at, lifeline_key) VALUES ('reconnecting', "
+            "'h', 1, '{}', '[]', now(), now(), 2147483000)"))
+        job_id = enqueue(conn, record)
+        conn.execute(text(
+            "UPDATE dbtasks_jobs SET state = 'running', attempt = 1, lease_owner = "
+            "'reconnecting', lease_token = 't', lease_expires_at = now() + "
+            "interval '1 minute', started_at = now() WHERE id = :id"), {"id": job_id})
+
+    with engine_pg.begin() as conn:
+        assert not lease.any_orphaned_jobs(conn, "reconnecting")
+        assert lease.rescue_orphaned_jobs(conn, "reconnecting") == 0
+    with engine_pg.begin() as conn:
+        assert lease.any_orphaned_jobs(conn, "another")
+        assert lease.rescue_orphaned_jobs(conn, "another") == 1
+
+    assert sql(engine_pg, "SELECT state, lease_owner FROM dbtasks_jobs WHERE id = :id",
+               id=job_id) == [("queued", None)]
