@@ -24,6 +24,7 @@ import math
 import pkgutil
 import sys
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -658,11 +659,16 @@ async def within_timeout(
         run.cancel()
         await asyncio.wait({run}, timeout=ASYNC_CANCEL_GRACE)
         run.add_done_callback(_outcome_unwanted)
+        _given_up.add(run)
         raise escape(TimeoutError(timeout_message(task, timeout)))
     result = run.result()  # raises what the run raised, as it was raised
     if timeout is not None and time.monotonic() - started > timeout:
         raise escape(TimeoutError(timeout_message(task, timeout)))
     return result
+
+
+#: Runs failed at their timeout that would not stop: they had their grace.
+_given_up: weakref.WeakSet[asyncio.Future[Any]] = weakref.WeakSet()
 
 
 def _outcome_unwanted(run: asyncio.Future[Any]) -> None:
@@ -674,16 +680,17 @@ def _outcome_unwanted(run: asyncio.Future[Any]) -> None:
 
 def _run_in_new_loop(coroutine: Awaitable[Any]) -> Any:
     """asyncio.run, except at the end: tasks still running are cancelled and
-    given ASYNC_CANCEL_GRACE, not waited for without end, since a coroutine
-    that swallows its cancellation would hold the caller for good (asyncio
-    then logs that it was destroyed while pending)."""
+    given ASYNC_CANCEL_GRACE (none for a run within_timeout gave up on, which
+    had it), not waited for without end, since a coroutine that swallows its
+    cancellation would hold the caller for good (asyncio then logs that it
+    was destroyed while pending)."""
     loop = asyncio.new_event_loop()
     try:
         asyncio.set_event_loop(loop)
         return loop.run_until_complete(coroutine)
     finally:
         try:
-            leftovers = asyncio.all_tasks(loop)
+            leftovers = asyncio.all_tasks(loop) - set(_given_up)
             for leftover in leftovers:
                 leftover.cancel()
             if leftovers:
