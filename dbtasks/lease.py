@@ -61,6 +61,9 @@ class Heartbeat(threading.Thread):
         self._held = held
         self._stopped = threading.Event()
         self._failing = False
+        #: Set when the node's row was gone or marked stopped at a beat: the
+        #: database was recreated or restored, or the row deleted by hand.
+        self.node_gone = False
 
     def run(self) -> None:
         while not self._stopped.wait(self._interval):
@@ -70,7 +73,8 @@ class Heartbeat(threading.Thread):
         params = {"node_name": self._node, "lease": self._lease, "tokens": self._held()}
         try:
             with self._engine.begin() as conn:
-                conn.execute(queries.beat_node, params)
+                if conn.execute(queries.beat_node, params).rowcount == 0:
+                    self.node_gone = True
                 if params["tokens"]:
                     conn.execute(queries.renew_job_leases, params)
                     conn.execute(queries.renew_completion_leases, params)

@@ -402,6 +402,7 @@ class Worker:
     def _iterate(self) -> None:
         self._enforce_timeouts()
         self._retire_if_stuck()
+        self._retire_if_node_gone()
 
         woken = self._wake.is_set()  # a run ended, a job was enqueued, a stop
         self._wake.clear()
@@ -1219,6 +1220,27 @@ class Worker:
             "it finishes its other jobs, then restarts",
             what,
             now - min(stuck),
+            extra={"event": "worker.retiring", "node": self.node},
+        )
+        self.retired = True
+        self.stop()
+
+    def _retire_if_node_gone(self) -> None:
+        """Retire the worker when its node's row is gone or marked stopped.
+
+        The database was recreated or restored under it, or the row was
+        deleted: no other worker sees this node as alive, so it has no part
+        in `all` jobs, and its lifeline key is on record nowhere. A fresh
+        start registers it again; the jobs it runs finish first.
+        """
+        if (self._heartbeat is None or not self._heartbeat.node_gone
+                or self._stopping.is_set()):
+            return
+        logger.error(
+            "node %s is no longer registered in the database (its row is gone or "
+            "marked stopped); retiring this worker: it finishes its other jobs, "
+            "then restarts and registers again",
+            self.node,
             extra={"event": "worker.retiring", "node": self.node},
         )
         self.retired = True

@@ -518,3 +518,23 @@ def test_a_logged_duration_is_the_run_s_not_the_wait_to_record_it(
     logged = re.search(rf"nap job {job_id} succeeded in ([\d.]+) ms", worker.output)
     assert logged is not None
     assert 500 <= float(logged.group(1)) < 2500
+
+
+def test_a_worker_whose_node_row_vanished_restarts_and_registers_again(
+    pg_url, engine_pg, start_worker
+):
+    """As after a database restored or recreated under it: otherwise it would
+    run on unseen by the others, with no part in `all` jobs."""
+    worker = start_worker(pg_url, "--lease", "3", "--node", "vanishing")
+    with engine_pg.begin() as conn:
+        conn.execute(text("DELETE FROM dbtasks_nodes"))
+
+    worker.wait_for_output("node vanishing is no longer registered in the database")
+    worker.wait_for_output("restarting the worker process")
+    wait_for(lambda: sql(engine_pg, "SELECT name FROM dbtasks_nodes WHERE stopped_at "
+                         "IS NULL") == [("vanishing",)], timeout=30,
+             message="the node to be registered again")
+    with engine_pg.begin() as conn:
+        job_id = enqueue(conn, basic.noop)
+    wait_for_state(engine_pg, job_id, "succeeded")
+    assert worker.process.poll() is None
