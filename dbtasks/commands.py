@@ -21,7 +21,7 @@ from sqlalchemy.exc import DBAPIError
 
 from dbtasks import migrate as migrations
 from dbtasks.config import Config, safe_url
-from dbtasks.database import create_queue_engine
+from dbtasks.database import SQLITE_BUSY_TIMEOUT_MS, create_queue_engine
 from dbtasks.errors import DatabaseError
 from dbtasks.jobs import enqueue as enqueue_job
 from dbtasks.tasks import (
@@ -179,8 +179,9 @@ def database_error(config: Config, exc: DBAPIError) -> DatabaseError:
     return DatabaseError(f"database {safe_url(config.database_url)}: {reason}{hint}")
 
 
-#: What to do about the commonest failures to connect, by phrases of
-#: libpq's message (which carries no SQLSTATE before a session exists).
+#: What to do about the commonest failures to reach the database, by
+#: phrases of the driver's message (libpq's carries no SQLSTATE before a
+#: session exists).
 _FIXES = (
     (("Connection refused",), "; is the server running, and listening on that "
      "host and port?"),
@@ -189,4 +190,7 @@ _FIXES = (
     (("password authentication failed",), "; check the user and password in the "
      "URL (percent-encode special characters)"),
     (("could not translate host name",), "; check the host name in the URL"),
+    (("database is locked",), f"; another connection held SQLite's write lock "
+     f"for all of the {SQLITE_BUSY_TIMEOUT_MS // 1000} s waited (a transaction "
+     "left open?): try again once it ends"),
 )

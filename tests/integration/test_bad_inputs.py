@@ -168,7 +168,10 @@ def test_a_locked_sqlite_file_fails_enqueue_and_migrate_after_the_busy_timeout(
         holder.close()
 
     for result in results:
-        assert error_line(*result) == f"error: database {sqlite_url}: {LOCKED}"
+        assert error_line(*result) == (
+            f"error: database {sqlite_url}: {LOCKED}; another connection held "
+            "SQLite's write lock for all of the 5 s waited (a transaction left "
+            "open?): try again once it ends")
     # Both waited for the lock for the whole busy timeout before giving up.
     assert elapsed >= BUSY_TIMEOUT
     assert count_jobs(sqlite_engine) == 0
