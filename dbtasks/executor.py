@@ -30,7 +30,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
-from dbtasks.tasks import plain_result, within_timeout
+from dbtasks.tasks import ASYNC_CANCEL_GRACE, plain_result, within_timeout
 
 logger = logging.getLogger(__name__)
 
@@ -196,10 +196,14 @@ def _settle(run: Run, future: Future[Any]) -> None:
 
 async def _bounded(run: Run) -> Any:
     """Run the coroutine within its timeout (tasks.within_timeout), whose
-    TimeoutError leaves the loop wrapped, as it is."""
+    TimeoutError leaves the loop wrapped, as it is.
+
+    A coroutine that will not stop is the worker's to fail, at
+    ASYNC_CANCEL_GRACE past its timeout, saying so (Worker._enforce_timeouts);
+    the longer grace here only backs that up."""
     return await within_timeout(
         run.context.task, run.timeout, _contained(run.fn(run.params, run.context)),
-        escape=_Escaped,
+        escape=_Escaped, grace=2 * ASYNC_CANCEL_GRACE,
     )
 
 

@@ -636,6 +636,7 @@ async def within_timeout(
     timeout: float | None,
     awaitable: Awaitable[Any],
     escape: Callable[[TimeoutError], BaseException] = lambda error: error,
+    grace: float = ASYNC_CANCEL_GRACE,
 ) -> Any:
     """Await a run of `task` under its timeout; the one rule, inline and in a
     worker.
@@ -644,7 +645,7 @@ async def within_timeout(
     says so, raised as `escape` makes it (a worker carries it out of its
     event loop wrapped). So does a run that ended past it all the same: it
     blocked the loop, or swallowed the cancellation and returned. One that
-    has not ended ASYNC_CANCEL_GRACE after its cancellation is left running,
+    has not ended `grace` seconds after its cancellation is left running,
     not waited for: asyncio.wait_for would wait for it for good. A
     TimeoutError of the task's own passes as it is, a failure like any other.
     """
@@ -657,7 +658,7 @@ async def within_timeout(
         raise
     if not done:
         run.cancel()
-        await asyncio.wait({run}, timeout=ASYNC_CANCEL_GRACE)
+        await asyncio.wait({run}, timeout=grace)
         run.add_done_callback(_outcome_unwanted)
         _given_up.add(run)
         raise escape(TimeoutError(timeout_message(task, timeout)))
