@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import functools
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from sqlalchemy import (
-    ARRAY,
+    ColumnElement,
     CompoundSelect,
     Connection,
     Update,
@@ -32,7 +33,6 @@ from sqlalchemy import (
     union_all,
     update,
 )
-from sqlalchemy import String as SqlString
 
 from dbtasks import queries
 from dbtasks.clock import seconds_from_now, utcnow
@@ -77,9 +77,11 @@ _returned = (
     jobs.c.schedule,
 )
 
+# Constants are written into the SQL, not bound: a claim sends only what
+# changes from one claim to the next.
 _claim_values = {
-    "state": RUNNING,
-    "attempt": jobs.c.attempt + 1,
+    "state": literal_column(f"'{RUNNING}'"),
+    "attempt": jobs.c.attempt + literal_column("1"),
     "lease_owner": bindparam("node_name"),
     "lease_token": bindparam("token"),
     "lease_expires_at": seconds_from_now(bindparam("lease")),
@@ -87,9 +89,26 @@ _claim_values = {
 }
 
 
+def _of_tasks(column: Any, tasks: tuple[str, ...]) -> ColumnElement[bool]:
+    """`column` names one of `tasks`, written into the SQL as literals.
+
+    A worker's task names never change, so its claim statements carry them
+    as text: no array of names is converted and sent with every claim, and
+    the server's generic plan knows them (tools/benchmark.py, W3).
+    """
+    return column.in_([literal_column(_pg_text(name)) for name in tasks])
+
+
+def _pg_text(value: str) -> str:
+    """A PostgreSQL string constant of `value`: the E'' form, which reads
+    backslashes the same whatever standard_conforming_strings says. Task
+    names hold no control characters (config.name_problem)."""
+    return "E'" + value.replace("\\", "\\\\").replace("'", "''") + "'"
+
+
 @functools.cache
-def claim_any_jobs_postgresql(limit: int) -> Update:
-    """Claim up to `limit` due jobs of the given tasks in one queue (PostgreSQL).
+def claim_any_jobs_postgresql(limit: int, tasks: tuple[str, ...]) -> Update:
+    """Claim up to `limit` due jobs of `tasks` in one queue (PostgreSQL).
 
     The due rows are picked, in ix_dbtasks_jobs_due order, by a subquery with
     FOR UPDATE SKIP LOCKED, so concurrent claimers take disjoint rows instead
@@ -111,7 +130,7 @@ def claim_any_jobs_postgresql(limit: int) -> Update:
         .where(
             in_state(picked.c.state, QUEUED),
             picked.c.queue == bindparam("claim_queue"),
-            picked.c.task == any_(bindparam("tasks", type_=ARRAY(SqlString))),
+            _of_tasks(picked.c.task, tasks),
             picked.c.run_at <= utcnow(),
         )
         .order_by(picked.c.priority, picked.c.run_at, picked.c.id)
@@ -132,7 +151,7 @@ FINISHED, CLAIMED, PROMOTED, NOTIFIED = 0, 1, 2, 3
 
 
 @functools.cache
-def finish_and_claim_postgresql(limit: int) -> CompoundSelect:
+def finish_and_claim_postgresql(limit: int, tasks: tuple[str, ...]) -> CompoundSelect:
     """Record a batch of successes, move the queue's due scheduled jobs to
     queued, and claim the next batch, in one statement (PostgreSQL).
 
@@ -150,7 +169,7 @@ def finish_and_claim_postgresql(limit: int) -> CompoundSelect:
     any was moved.
     """
     finished = queries.finish_succeeded_jobs_postgresql().cte("finished")
-    claimed = claim_any_jobs_postgresql(limit).cte("claimed")
+    claimed = claim_any_jobs_postgresql(limit, tasks).cte("claimed")
     promoted = queries.promote_scheduled_jobs("postgresql").cte("promoted")
     notified = (
         select(queries.notify_idle_nodes.scalar_subquery())
@@ -206,7 +225,7 @@ def claim_any_jobs(
     *,
     node: str,
     token: str,
-    tasks: list[str],
+    tasks: Sequence[str],
     queues: list[str],
     limit: int,
     lease: float,
@@ -219,11 +238,13 @@ def claim_any_jobs(
     """
     if not tasks:
         return []
+    values = {"node_name": node, "token": token, "lease": lease}
     if conn.dialect.name == "postgresql":
-        statement = claim_any_jobs_postgresql
+        named = tuple(tasks)
+        statement = functools.partial(claim_any_jobs_postgresql, tasks=named)
     else:
         statement = claim_any_jobs_sqlite
-    values = {"node_name": node, "token": token, "tasks": tasks, "lease": lease}
+        values["tasks"] = tasks
 
     claimed: list[ClaimedJob] = []
     for queue in queues:

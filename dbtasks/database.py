@@ -8,10 +8,15 @@ fail with "database is locked" when it later tries to write.
 
 from __future__ import annotations
 
+import hashlib
+import re
 import sqlite3
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from psycopg import errors as psycopg_errors
+from psycopg import pq
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import URL, Dialect
 from sqlalchemy.exc import DBAPIError
@@ -31,18 +36,36 @@ SQLITE_BUSY_TIMEOUT_MS = 5000
 TRANSIENT_SQLSTATES = frozenset({"40001", "40P01"})
 
 
+#: A pyformat SQL text's tokens: an escaped percent sign, or a named parameter.
+_PYFORMAT_TOKEN = re.compile(r"%%|%\((\w+)\)s")
+
+#: The same SQL in psycopg's positional form: a percent sign, or a parameter.
+_FORMAT_TOKEN = re.compile(r"%%|%s")
+
+#: PostgreSQL's code for a prepared statement the session does not have.
+_NO_SUCH_STATEMENT = "26000"
+
+
 class RawStatement:
     """A Core statement compiled once to its final SQL, then run straight on
-    a DBAPI cursor.
+    psycopg: on a cursor (`execute`), or through libpq as a statement the
+    session prepared once (`execute_prepared`).
 
-    For the busiest statements only: the worker's claim, and enqueue on a
-    plain psycopg connection. At thousands of executions a second,
-    SQLAlchemy's work around each one was half of the worker loop's own
-    time, and a fifth of an enqueue's. Nothing is converted on the way: the
-    values must be ones the driver takes as they are (str, int, float,
-    aware datetimes, lists of them), and rows come back as the driver's
-    tuples. Write the statement's literals (a LIMIT, a state) into its text,
-    so that nothing is left to expand at execution.
+    For the busiest statements only: the worker's claim and finish, and
+    enqueue on a plain psycopg connection. At thousands of executions a
+    second, SQLAlchemy's work around each one was half of the worker loop's
+    own time, and a fifth of an enqueue's. Write the statement's literals (a
+    LIMIT, a state) into its text, so that nothing is left to expand at
+    execution, and give every bound value a type in the SQL (SQLAlchemy's
+    psycopg dialect casts them), so that the server needs none from us.
+
+    `execute` sends the parameters positionally, on a cursor the caller may
+    keep. `execute_prepared` goes below psycopg's cursors, to the libpq
+    calls they make: one round trip, the values as text, no Python between
+    the call and the wire but the conversion. With eight processes
+    enqueuing on two cores, the cursor's own machinery cost an enqueue
+    about as much CPU as the rest of its client side (tools/benchmark.py,
+    W1).
     """
 
     def __init__(
@@ -56,13 +79,30 @@ class RawStatement:
             schema_translate_map=schema_translate_map,
             render_schema_translate=schema_translate_map is not None,
         )
-        self.sql = compiled.string
+        names: list[str] = []
+
+        def positional(token: re.Match[str]) -> str:
+            if token.group(1) is None:
+                return "%%"
+            names.append(token.group(1))
+            return "%s"
+
+        self.sql = _PYFORMAT_TOKEN.sub(positional, compiled.string)
         # The values the statement carries itself (states, constants).
-        self._fixed = {
+        fixed = {
             name: bind.effective_value
             for bind, name in compiled.bind_names.items()
             if not bind.required
         }
+        self._order = tuple((name, name in fixed, fixed.get(name)) for name in names)
+        numbers = iter(range(1, len(names) + 1))
+        self._libpq_sql = _FORMAT_TOKEN.sub(
+            lambda token: "%" if token.group() == "%%" else f"${next(numbers)}",
+            self.sql,
+        ).encode()
+        digest = hashlib.sha1(self._libpq_sql, usedforsecurity=False).hexdigest()
+        #: The name the statement is prepared under, in every session.
+        self.name = f"dbtasks_{digest[:24]}".encode()
         self._dialect = dialect
         self._dbapi_error = dialect.loaded_dbapi.Error
 
@@ -72,26 +112,163 @@ class RawStatement:
         translate = engine.get_execution_options().get("schema_translate_map")
         return cls(statement, engine.dialect, translate)
 
-    def execute(self, dbapi_connection: Any, values: dict[str, Any]) -> list[Any]:
+    def execute(
+        self, dbapi_connection: Any, values: dict[str, Any], cursor: Any = None
+    ) -> list[Any]:
         """Run with `values` for the statement's named parameters; return its
         rows (none for a statement that returns none).
 
-        A driver error is raised as SQLAlchemy's DBAPIError, as an execution
+        `cursor`, if given, is one of `dbapi_connection`'s that the caller
+        keeps for its statements; else one is opened and closed here. A
+        driver error is raised as SQLAlchemy's DBAPIError, as an execution
         through SQLAlchemy would raise it, saying whether the connection is
         lost (`connection_invalidated`).
         """
-        cursor = dbapi_connection.cursor()
+        params = self._params(values)
+        own_cursor = cursor is None
+        if own_cursor:
+            cursor = dbapi_connection.cursor()
         try:
-            cursor.execute(self.sql, {**self._fixed, **values})
-            return cursor.fetchall() if cursor.description is not None else []
+            cursor.execute(self.sql, params)
+            result = cursor.pgresult
+            return cursor.fetchall() if result and result.nfields else []
         except self._dbapi_error as exc:
-            lost = self._dialect.is_disconnect(exc, dbapi_connection, cursor)
-            raise DBAPIError.instance(
-                self.sql, values, exc, self._dbapi_error, hide_parameters=True,
-                connection_invalidated=lost,
-            ) from exc
+            raise self._wrapped(exc, dbapi_connection, values) from exc
         finally:
-            cursor.close()
+            if own_cursor:
+                cursor.close()
+
+    def execute_prepared(
+        self, dbapi_connection: Any, values: dict[str, Any], prepared: set[bytes]
+    ) -> list[tuple[Any, ...]]:
+        """Run as a statement prepared in the session, through libpq; return
+        its rows, as `execute` would.
+
+        `prepared` holds the names of the statements this session has
+        prepared, kept by the caller for as long as the session lives: a
+        statement is prepared on its first run in a session. The session
+        must be one whose statements are ours to send as they come: no
+        pipeline, no COPY under way, in autocommit or inside a transaction
+        already begun, and with UTF-8 as its client encoding. Values are
+        sent as text: str, int, float, bool, aware datetimes, None, and
+        lists of str or int; results are read as psycopg reads them.
+        """
+        pgconn = dbapi_connection.pgconn
+        params = [_as_text(value) for value in self._params(values)]
+        with dbapi_connection.lock:
+            if self.name not in prepared:
+                self._check(pgconn.prepare(self.name, self._libpq_sql, None),
+                            dbapi_connection, values, prepared)
+                prepared.add(self.name)
+            result = pgconn.exec_prepared(self.name, params)
+            self._check(result, dbapi_connection, values, prepared)
+        columns = range(result.nfields)
+        loaders = [_loader(dbapi_connection, result.ftype(n)) for n in columns]
+        value = result.get_value
+        return [
+            tuple(
+                None if (text := value(row, column)) is None else loaders[column](text)
+                for column in columns
+            )
+            for row in range(result.ntuples)
+        ]
+
+    def _params(self, values: dict[str, Any]) -> list[Any]:
+        return [fixed_value if is_fixed else values[name]
+                for name, is_fixed, fixed_value in self._order]
+
+    def _check(self, result: Any, dbapi_connection: Any, values: dict[str, Any],
+               prepared: set[bytes]) -> None:
+        """Raise what psycopg would for a failed libpq result."""
+        if result.status in _SUCCEEDED:
+            return
+        error = psycopg_errors.error_from_result(
+            result, encoding=dbapi_connection.info.encoding
+        )
+        if error.sqlstate == _NO_SUCH_STATEMENT:
+            # Deallocated behind our back (DISCARD ALL, DEALLOCATE): prepared
+            # again at the next run.
+            prepared.discard(self.name)
+        raise self._wrapped(error, dbapi_connection, values) from error
+
+    def _wrapped(self, exc: Exception, dbapi_connection: Any,
+                 values: dict[str, Any]) -> DBAPIError:
+        lost = self._dialect.is_disconnect(exc, dbapi_connection, None)
+        return DBAPIError.instance(
+            self.sql, values, exc, self._dbapi_error, hide_parameters=True,
+            connection_invalidated=lost,
+        )
+
+
+def begin_transaction(dbapi_connection: Any) -> None:
+    """Send BEGIN on a psycopg connection outside a transaction, as psycopg
+    does before its first statement when no isolation level or access mode
+    is set; a failure is raised as SQLAlchemy's DBAPIError."""
+    with dbapi_connection.lock:
+        result = dbapi_connection.pgconn.exec_(b"BEGIN")
+    if result.status != pq.ExecStatus.COMMAND_OK:
+        error = psycopg_errors.error_from_result(
+            result, encoding=dbapi_connection.info.encoding
+        )
+        raise DBAPIError.instance(
+            "BEGIN", None, error, psycopg_errors.Error, hide_parameters=True,
+            connection_invalidated=bool(dbapi_connection.closed),
+        ) from error
+
+
+def _as_text(value: Any) -> bytes | None:
+    """A parameter in PostgreSQL's text format, for libpq."""
+    if value is None:
+        return None
+    kind = type(value)
+    if kind is str:
+        return value.encode()
+    if kind is bool:
+        return b"t" if value else b"f"
+    if kind is int or kind is float:
+        return repr(value).encode()
+    if isinstance(value, datetime):
+        if value.utcoffset() is None:
+            raise ValueError(f"a naive datetime cannot be sent: {value!r}")
+        return value.isoformat().encode()
+    if kind is list or kind is tuple:
+        return ("{" + ",".join(_array_item(item) for item in value) + "}").encode()
+    raise TypeError(f"cannot send a {kind.__name__} as a parameter")
+
+
+def _array_item(item: Any) -> str:
+    if type(item) is int:
+        return str(item)
+    if type(item) is str:
+        return '"' + item.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    raise TypeError(f"cannot send a {type(item).__name__} in an array")
+
+
+_SUCCEEDED = frozenset({pq.ExecStatus.COMMAND_OK, pq.ExecStatus.TUPLES_OK})
+
+
+def _text_result(value: bytes) -> str:
+    return value.decode()
+
+
+def _bool_result(value: bytes) -> bool:
+    return value == b"t"
+
+
+#: Text-format readers of the result columns the hot statements return, by
+#: type OID: int2, int4, int8; text, varchar, bpchar, name; bool.
+_LOADERS = {21: int, 23: int, 20: int, 25: _text_result, 1043: _text_result,
+            1042: _text_result, 19: _text_result, 16: _bool_result}
+
+
+def _loader(dbapi_connection: Any, oid: int) -> Any:
+    """The reader of a result column of type `oid`: ours for the usual
+    types, psycopg's own (as its cursors would use) for the rest."""
+    load = _LOADERS.get(oid)
+    if load is None:
+        loader = dbapi_connection.adapters.get_loader(oid, pq.Format.TEXT)
+        load = loader(oid, dbapi_connection).load
+    return load
 
 
 def raw_connection(engine: Engine) -> Any:

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import weakref
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta
 from typing import Any, overload
 
+from psycopg import pq
 from sqlalchemy import Connection
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
@@ -32,7 +34,7 @@ from dbtasks.config import (
     name_problem,
     queue_name_problem,
 )
-from dbtasks.database import RawStatement
+from dbtasks.database import RawStatement, begin_transaction
 from dbtasks.errors import InvalidParams, JobError, SchemaError, TaskNotFound
 from dbtasks.params import encode_params
 from dbtasks.tasks import (
@@ -312,8 +314,14 @@ def _insert_many(
         statement = queries.insert_jobs(
             dialect, with_run_at=template["run_at"] is not None
         )
-        values = {k: v for k, v in template.items() if not k.startswith("_")}
-        values["params_json"] = json.dumps(params)
+        values = {key: value for key, value in template.items()
+                  if not key.startswith("_") and value is not None}
+        # The params are JSON already: on PostgreSQL they go in an array as
+        # they are, on SQLite as strings (queries.insert_jobs).
+        values["params_json"] = (
+            "[" + ",".join(params) + "]" if dialect == "postgresql"
+            else json.dumps(params)
+        )
         rows = conn.execute(statement, values, execution_options=options)
         ids = sorted(rows.scalars().all())
         if len(ids) != len(params):
@@ -356,12 +364,19 @@ def _insert_job(conn: Connection, job: dict[str, Any], options: dict[str, Any]
         job = _with_registered_defaults(conn, job, options)
 
     variant = (job["run_at"] is not None, job["idempotency_key"] is not None)
-    values = {key: value for key, value in job.items() if not key.startswith("_")}
+    values = {key: value for key, value in job.items()
+              if not key.startswith("_") and value is not None}
     driver_connection = _plain_psycopg_connection(conn)
     if driver_connection is not None:
         statement = _raw_insert(conn, options, *variant)
         try:
-            rows = statement.execute(driver_connection, values)
+            prepared = _session_statements(conn, driver_connection)
+            if prepared is not None:
+                rows = statement.execute_prepared(driver_connection, values, prepared)
+            else:
+                rows = statement.execute(
+                    driver_connection, values, _kept_cursor(conn, driver_connection)
+                )
         except DBAPIError as exc:
             if exc.connection_invalidated:
                 conn.invalidate(exc.orig)  # as SQLAlchemy does on a lost connection
@@ -380,6 +395,78 @@ def _insert_job(conn: Connection, job: dict[str, Any], options: dict[str, Any]
             execution_options=options,
         ).scalar_one()
     return int(job_id)
+
+
+#: What enqueue keeps with a pooled psycopg connection, in the connection's
+#: `info`, which SQLAlchemy empties when it replaces the connection: so it
+#: lives exactly as long as the server session. The names of the statements
+#: enqueue prepared in the session; a cursor of the connection.
+_PREPARED_KEY = "dbtasks.prepared"
+_CURSOR_KEY = "dbtasks.enqueue_cursor"
+
+
+def _session_statements(conn: Connection, driver_connection: Any) -> set[bytes] | None:
+    """The statements enqueue prepared in this session, where its INSERT may
+    go straight through libpq (database.RawStatement.execute_prepared); None
+    where it goes through a psycopg cursor instead.
+
+    That is a pooled connection in a transaction, or about to begin one with
+    a plain BEGIN (then sent here, as psycopg would send it), where the
+    application allows prepared statements (psycopg's prepare_threshold;
+    None behind PgBouncer in transaction mode) and no pipeline is open.
+    Not where gevent or eventlet made sockets cooperative: libpq's calls
+    wait for the server without letting other green threads run.
+    """
+    pooled = conn.connection
+    if (
+        pooled.is_detached
+        or driver_connection.prepare_threshold is None
+        or driver_connection.autocommit
+        or driver_connection.info.encoding != "utf-8"
+        or _green_sockets()
+    ):
+        return None
+    pgconn = driver_connection.pgconn
+    if pgconn.pipeline_status != pq.PipelineStatus.OFF:
+        return None
+    status = pgconn.transaction_status
+    if status == pq.TransactionStatus.IDLE:
+        # psycopg begins a transaction at its first statement. It would send
+        # a plain BEGIN unless an isolation level or access mode is set;
+        # then it is left to psycopg.
+        if (
+            driver_connection.isolation_level is not None
+            or driver_connection.read_only is not None
+            or driver_connection.deferrable is not None
+        ):
+            return None
+        begin_transaction(driver_connection)
+    elif status != pq.TransactionStatus.INTRANS:
+        return None
+    return pooled.info.setdefault(_PREPARED_KEY, set())
+
+
+def _green_sockets() -> bool:
+    for module, patched in (("gevent.monkey", "is_module_patched"),
+                            ("eventlet.patcher", "is_monkey_patched")):
+        patcher = sys.modules.get(module)
+        if patcher is not None and getattr(patcher, patched)("socket"):
+            return True
+    return False
+
+
+def _kept_cursor(conn: Connection, driver_connection: Any) -> Any | None:
+    """A cursor of `driver_connection` that enqueue keeps from one job to the
+    next (a new psycopg cursor costs as much as the rest of the execution);
+    None for a connection outside the pool, whose cursor is not kept."""
+    pooled = conn.connection
+    if pooled.is_detached:
+        return None
+    cursor = pooled.info.get(_CURSOR_KEY)
+    if cursor is None or cursor.closed or cursor.connection is not driver_connection:
+        cursor = driver_connection.cursor()
+        pooled.info[_CURSOR_KEY] = cursor
+    return cursor
 
 
 def _plain_psycopg_connection(conn: Connection) -> Any | None:

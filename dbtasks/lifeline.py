@@ -9,13 +9,13 @@ The session does two things:
   lease stays the backstop for what the server learns late: a host that
   vanished, a network cut (TCP keepalives, set in database.py, bound that to
   about a minute).
-- It LISTENs for new jobs. An insert into the jobs table sends one NOTIFY per
-  statement while some node is idle (the trigger in the migrations), and the
-  lifeline tells the worker, so an idle worker claims a new job within a
-  round trip instead of at its next poll. The worker's callback may run its
-  claim here, on this session and thread (`execute`), which the
-  notification has just woken: that is a thread hand-off and a wake-up of a
-  sleeping server process shorter than claiming on the loop's connection.
+- It LISTENs for new jobs. A statement that adds jobs sends one NOTIFY while
+  some node is idle (queries.with_wakeup), and the lifeline tells the
+  worker, so an idle worker claims a new job within a round trip instead of
+  at its next poll. The worker's callback may run its claim here, on this
+  session and thread (`execute`), which the notification has just woken:
+  that is a thread hand-off and a wake-up of a sleeping server process
+  shorter than claiming on the loop's connection.
 
 The thread waits on the session's socket and, when the session is lost, opens
 a new one, takes the lock again and wakes the worker: notifications sent while
@@ -62,6 +62,7 @@ class Lifeline(threading.Thread):
         self._node = node
         self._on_notify = on_notify
         self._connection: Any = None
+        self._prepared: set[bytes] = set()
         self._stopped = threading.Event()
         self.key: int | None = None
         #: Whether the session holds the lock now: between its loss and the
@@ -86,6 +87,7 @@ class Lifeline(threading.Thread):
         connection.autocommit = True
         connection.execute(f"LISTEN {NOTIFY_CHANNEL}")
         self._connection = connection
+        self._prepared: set[bytes] = set()  # the statements the session prepared
 
     def _try_lock(self, key: int) -> bool:
         (locked,) = self._connection.execute(
@@ -106,7 +108,7 @@ class Lifeline(threading.Thread):
         """Run a statement on the listening session, in autocommit; only from
         the callback, on this thread. A lost session raises DBAPIError with
         `connection_invalidated`, and the thread then reconnects."""
-        return statement.execute(self._connection, values)
+        return statement.execute_prepared(self._connection, values, self._prepared)
 
     def _listen(self) -> None:
         """Wait a slice for notifications, and tell the worker of them.

@@ -45,6 +45,7 @@ from sqlalchemy import (
     func,
     literal,
     literal_column,
+    null,
     or_,
     select,
     table,
@@ -122,8 +123,35 @@ def _insert(dialect: str) -> Any:
 # --- enqueue ---------------------------------------------------------------
 
 
+#: A NOTIFY that wakes idle nodes, and whether there are any to wake.
+_wake_nodes = func.pg_notify(
+    literal_column(f"'{NOTIFY_CHANNEL}'"), literal_column("''")
+)
+_idle_nodes = exists(select(literal_column("1")).where(nodes.c.idle))
+
+
+def with_wakeup(dialect: str, insert: Insert) -> Any:
+    """`insert`, which returns the ids of the jobs it adds, and on PostgreSQL
+    a NOTIFY to idle nodes if it added any, in the same statement.
+
+    The look at the nodes table is an uncorrelated subquery of the result:
+    the server runs it once, and only when a first row comes out, so that
+    a statement that adds nothing (an idempotency key that exists already)
+    notifies no one. While no node is idle, nothing is sent: a NOTIFY takes
+    a lock, server-wide, that every notifying commit waits for in turn, so a
+    busy fleet's enqueues must not pay it. In the statement rather than in a
+    trigger, which cost an enqueue several times as much (migration 0002).
+    """
+    if dialect != "postgresql":
+        return insert
+    added = insert.cte("added")
+    # As text: pg_notify returns void, which drivers have no type for.
+    woken = select(cast(_wake_nodes, Text)).where(_idle_nodes).scalar_subquery()
+    return select(added.c.id, woken.label("woken"))
+
+
 @functools.cache
-def insert_job(dialect: str, *, with_run_at: bool, idempotent: bool) -> Insert:
+def insert_job(dialect: str, *, with_run_at: bool, idempotent: bool) -> Any:
     """Insert one job, returning its id (nothing if its idempotency key exists).
 
     A `run_at` in the past is stored as now, so that an old due time does not
@@ -131,13 +159,17 @@ def insert_job(dialect: str, *, with_run_at: bool, idempotent: bool) -> Insert:
     """
     statement = _new_job(dialect, with_run_at)
     if idempotent:
-        statement = statement.on_conflict_do_nothing(
+        statement = statement.values(
+            idempotency_key=bindparam("idempotency_key")
+        ).on_conflict_do_nothing(
             index_elements=[jobs.c.idempotency_key], index_where=text(KEYED)
         )
-    return statement.returning(jobs.c.id)
+    return with_wakeup(dialect, statement.returning(jobs.c.id))
 
 
 def _new_job(dialect: str, with_run_at: bool) -> Insert:
+    """The INSERT of one job. Only what varies from job to job is a bound
+    value: each one costs every enqueue its conversion in the driver."""
     run_at = (
         later_of(bindparam("run_at", type_=jobs.c.run_at.type), utcnow())
         if with_run_at
@@ -149,42 +181,42 @@ def _new_job(dialect: str, with_run_at: bool) -> Insert:
         params=bindparam("params"),
         priority=bindparam("priority"),
         max_attempts=bindparam("max_attempts"),
-        idempotency_key=bindparam("idempotency_key"),
-        state=state_for(run_at) if with_run_at else QUEUED,
+        state=state_for(run_at) if with_run_at else literal_column(f"'{QUEUED}'"),
         run_at=run_at,
         created_at=utcnow(),
     )
 
 
 @functools.cache
-def insert_jobs(dialect: str, *, with_run_at: bool) -> Insert:
+def insert_jobs(dialect: str, *, with_run_at: bool) -> Any:
     """Insert a batch of jobs that differ only in their params, in one statement.
 
-    The params travel as one value, a JSON array of their texts
-    (`params_json`), whatever the batch size: one round trip, and no limit on
-    bound values (65,535 per statement on PostgreSQL). Rows go in, and take
-    their ids, in the array's order; the caller sorts the returned ids to
-    match them to the params.
+    The params travel as one value (`params_json`), whatever the batch size:
+    one round trip, and no limit on bound values (65,535 per statement on
+    PostgreSQL). Rows go in, and take their ids, in the array's order; the
+    caller sorts the returned ids to match them to the params.
 
-    One JSON text rather than a PostgreSQL text array: psycopg escapes each
-    element of a text array in Python, which took twice as long as the
-    INSERT itself for 10,000 jobs (tools/benchmark.py, W1 bulk), where
-    `json.dumps` escapes them all in C.
+    On PostgreSQL the value is a JSON array of the params themselves, and
+    each job's params are its element's text, which the `json` type keeps
+    as it was written: nothing is escaped twice, or unescaped. (A text
+    array was worse still: psycopg escapes each element in Python, which
+    took twice as long as the INSERT for 10,000 jobs; tools/benchmark.py,
+    W1 bulk.) On SQLite it is an array of the params' texts, as strings.
     """
     if dialect == "postgresql":
         source = (
-            func.json_array_elements_text(
-                cast(bindparam("params_json", type_=Text), JSON)
-            )
+            func.json_array_elements(cast(bindparam("params_json", type_=Text), JSON))
             .table_valued("value", with_ordinality="position")
             .render_derived(name="batch")
         )
         position = source.c.position
+        params = cast(source.c.value, Text)
     else:
         source = func.json_each(bindparam("params_json")).table_valued(
             "key", "value", name="batch"
         )
         position = source.c.key
+        params = source.c.value
     run_at = (
         later_of(bindparam("run_at", type_=jobs.c.run_at.type), utcnow())
         if with_run_at
@@ -194,7 +226,7 @@ def insert_jobs(dialect: str, *, with_run_at: bool) -> Insert:
         select(
             bindparam("task"),
             bindparam("queue"),
-            source.c.value,
+            params,
             bindparam("priority"),
             bindparam("max_attempts"),
             state_for(run_at) if with_run_at else literal_column(f"'{QUEUED}'"),
@@ -206,8 +238,8 @@ def insert_jobs(dialect: str, *, with_run_at: bool) -> Insert:
     )
     columns = ["task", "queue", "params", "priority", "max_attempts", "state",
                "run_at", "created_at"]
-    return (
-        _insert(dialect)(jobs).from_select(columns, rows).returning(jobs.c.id)
+    return with_wakeup(
+        dialect, _insert(dialect)(jobs).from_select(columns, rows).returning(jobs.c.id)
     )
 
 
@@ -310,16 +342,14 @@ set_node_idle: Update = (
     .where(nodes.c.name == bindparam("node_name"))
     .values(idle=bindparam("idle"))
 )
-"""Say whether this node waits for work. While any node does, inserting jobs
-sends a NOTIFY (PostgreSQL, the trigger in the migrations); while none does,
-enqueues pay nothing for it. Written only when it changes."""
+"""Say whether this node waits for work. While any node does, adding jobs
+sends a NOTIFY (PostgreSQL, with_wakeup); while none does, enqueues pay
+nothing for it. Written only when it changes."""
 
-notify_idle_nodes: Select[Any] = select(
-    func.pg_notify(NOTIFY_CHANNEL, "")
-).where(exists(select(literal(1)).where(nodes.c.idle)))
-"""Wake idle nodes (PostgreSQL) about jobs that became claimable without an
-INSERT into the jobs table (which notifies by its trigger): a job queued
-again (retried, rescued, handed back), or an `all` job's completions."""
+notify_idle_nodes: Select[Any] = select(_wake_nodes).where(_idle_nodes)
+"""Wake idle nodes (PostgreSQL) about jobs that became claimable without a
+new job (new jobs wake them by with_wakeup): a job queued again (retried,
+rescued, handed back), or an `all` job's completions."""
 
 clear_idle_of_dead_nodes: Update = (
     update(nodes)
@@ -547,7 +577,11 @@ _fence = and_(
     in_state(jobs.c.state, RUNNING),
 )
 
-_release_lease = {"lease_owner": None, "lease_token": None, "lease_expires_at": None}
+_release_lease = {
+    "lease_owner": null(),
+    "lease_token": null(),
+    "lease_expires_at": null(),
+}
 
 finish_job: Update = (
     update(jobs)
@@ -563,9 +597,9 @@ finish_job: Update = (
 """Record a final outcome, fenced by the lease token; no row: the lease is lost."""
 
 _succeeded = {
-    "state": JobState.SUCCEEDED.value,
+    "state": literal_column(f"'{JobState.SUCCEEDED.value}'"),
     "finished_at": utcnow(),
-    "last_error": None,
+    "last_error": null(),
     **_release_lease,
 }
 
@@ -651,7 +685,7 @@ _completion_fence = and_(
     completions.c.state == CompletionState.RUNNING.value,
 )
 
-_release_completion_lease = {"lease_token": None, "lease_expires_at": None}
+_release_completion_lease = {"lease_token": null(), "lease_expires_at": null()}
 
 finish_completion: Update = (
     update(completions)
@@ -752,7 +786,7 @@ _SERIES_INDEX_WHERE = text(OPEN_IN_SERIES)
 
 
 @functools.cache
-def enqueue_next_in_series(dialect: str) -> Insert:
+def enqueue_next_in_series(dialect: str) -> Any:
     """Enqueue the next job of a series at now + its schedule's frequency.
 
     Copies the finished job's task settings, so a worker that does not know the
@@ -777,14 +811,15 @@ def enqueue_next_in_series(dialect: str) -> Insert:
     )
     columns = ["task", "queue", "params", "priority", "max_attempts", "schedule",
                "state"]
-    return (
+    return with_wakeup(
+        dialect,
         _insert(dialect)(jobs)
         .from_select([*columns, "run_at", "created_at"], source)
         .on_conflict_do_nothing(
             index_elements=[jobs.c.schedule],
             index_where=_SERIES_INDEX_WHERE,
         )
-        .returning(jobs.c.id)
+        .returning(jobs.c.id),
     )
 
 
@@ -866,7 +901,7 @@ only; a retry keeps its backoff)."""
 
 
 @functools.cache
-def ensure_series_job(dialect: str) -> Insert:
+def ensure_series_job(dialect: str) -> Any:
     """Enqueue a series job at its schedule's due time if none is open.
 
     The NOT EXISTS reads the snapshot and waits for no one. Without it, the
@@ -893,14 +928,15 @@ def ensure_series_job(dialect: str) -> Insert:
     ).where(schedules.c.task == bindparam("schedule_task"), ~exists(open_job))
     columns = ["task", "queue", "params", "priority", "max_attempts", "schedule",
                "state"]
-    return (
+    return with_wakeup(
+        dialect,
         _insert(dialect)(jobs)
         .from_select([*columns, "run_at", "created_at"], source)
         .on_conflict_do_nothing(
             index_elements=[jobs.c.schedule],
             index_where=_SERIES_INDEX_WHERE,
         )
-        .returning(jobs.c.id)
+        .returning(jobs.c.id),
     )
 
 

@@ -22,6 +22,7 @@ SIGKILL loses nothing either: the jobs are rescued.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import math
@@ -178,7 +179,11 @@ class Worker:
         # What an outage raises: SQLAlchemy's wrapper, and the driver's own
         # error wherever one gets past it.
         self._outage_errors = (DBAPIError, self.engine.dialect.loaded_dbapi.Error)
-        self._any_tasks = registry.names("any")
+        self._any_tasks = tuple(registry.names("any"))
+        self._task_loggers = {
+            name: logging.getLogger(f"dbtasks.task.{name}")
+            for name in registry.names()
+        }
         self._all_tasks = registry.names("all")
         self._queues = list(config.queues)
         self._executor: Executor | None = None
@@ -201,6 +206,7 @@ class Worker:
                 isolation_level="AUTOCOMMIT"
             )
         self._hot: Any = None  # a DBAPI connection of the pool's, detached
+        self._hot_prepared: set[bytes] = set()  # the statements it has prepared
         self._hot_statements: dict[Any, RawStatement] = {}  # by statement
         self._notified_claims: dict[int, RawStatement] = {}  # by batch size
         self._asleep_until = math.inf  # monotonic time; see _wait
@@ -298,6 +304,11 @@ class Worker:
             ",".join(self._queues),
             extra={"event": "worker.started", "node": self.node},
         )
+        # What start-up made (modules, tasks, compiled statements) lives as
+        # long as the worker: out of the cyclic collector's sight, a full
+        # collection no longer walks it in the middle of a job's pickup
+        # (tools/benchmark.py, W3's p99).
+        gc.freeze()
 
     def _register(self, conn: Connection, lifeline_key: int | None) -> None:
         values = {
@@ -483,7 +494,7 @@ class Worker:
         statement = self._notified_claims.get(free)
         if statement is None:
             statement = RawStatement.for_engine(
-                claim.claim_any_jobs_postgresql(free), self.engine
+                claim.claim_any_jobs_postgresql(free, self._any_tasks), self.engine
             )
             self._notified_claims[free] = statement
         token = uuid.uuid4().hex
@@ -492,7 +503,6 @@ class Worker:
             "token": token,
             "lease": self.config.lease_seconds,
             "claim_queue": self._queues[0],
-            "tasks": self._any_tasks,
         })
         claimed = [ClaimedJob(*row, token=token) for row in rows]
         claimed.sort(key=lambda job: (job.priority, job.id))
@@ -610,9 +620,10 @@ class Worker:
             "lease": self.config.lease_seconds,
             "claim_queue": self._queues[0],
             "promote_queue": self._queues[0],
-            "tasks": self._any_tasks,
         }
-        rows = self._execute_hot(claim.finish_and_claim_postgresql(free), values)
+        rows = self._execute_hot(
+            claim.finish_and_claim_postgresql(free, self._any_tasks), values
+        )
         self._unrecorded = []
 
         owned = {(row[1], None) for row in rows if row[0] == claim.FINISHED}
@@ -640,8 +651,11 @@ class Worker:
             pooled.detach()  # autocommit: it must never go back to the pool
             pooled.dbapi_connection.autocommit = True
             self._hot = pooled
+            self._hot_prepared = set()
         try:
-            return raw.execute(self._hot.dbapi_connection, values)
+            return raw.execute_prepared(
+                self._hot.dbapi_connection, values, self._hot_prepared
+            )
         except DBAPIError:
             self._close_hot()
             raise
@@ -978,7 +992,7 @@ class Worker:
             task=running.job.task,
             attempt=running.job.attempt,
             node=self.node,
-            logger=logging.getLogger(f"dbtasks.task.{running.job.task}"),
+            logger=self._task_loggers[running.job.task],
             queue=running.job.queue,
             _transaction=lambda: self._job_transaction(running),
         )

@@ -28,6 +28,7 @@ from sqlalchemy import Engine, create_engine, text
 from dbtasks import enqueue, migrate
 from dbtasks.config import config_from_env
 from dbtasks.database import SQLITE_BUSY_TIMEOUT_MS, create_queue_engine
+from dbtasks.migrate import HEAD_REVISION
 from dbtasks.outcomes import LOGGED_ERROR_CHARS, MAX_ERROR_CHARS
 from tests.app_tasks import faults
 from tests.app_tasks.effects import (
@@ -176,7 +177,7 @@ def test_a_locked_sqlite_file_fails_enqueue_and_migrate_after_the_busy_timeout(
     assert elapsed >= BUSY_TIMEOUT
     assert count_jobs(sqlite_engine) == 0
     assert sql(sqlite_engine, "SELECT version_num FROM dbtasks_alembic_version") == [
-        ("0001",)
+        (HEAD_REVISION,)
     ]
 
 
@@ -205,7 +206,7 @@ def test_a_lock_released_within_the_busy_timeout_is_waited_out(
 
     assert enqueued[0] == 0, enqueued
     assert migrated[0] == 0, migrated
-    assert "schema already at revision 0001" in migrated[2]
+    assert f"schema already at revision {HEAD_REVISION}" in migrated[2]
     assert sql(sqlite_engine, "SELECT id, task, params, state FROM dbtasks_jobs") == [
         (int(enqueued[1]), "echo_params", '{"n":1}', "queued")
     ]
@@ -667,15 +668,18 @@ def test_a_worker_on_an_unreachable_server_exits_with_one_line():
 
 # --- a database at an older revision ----------------------------------------------
 
-NEXT_MIGRATION = '''
+#: The revision of the next release, one after this code's head.
+NEXT_REVISION = f"{int(HEAD_REVISION) + 1:04d}"
+
+NEXT_MIGRATION = f'''
 """The next release's migration: nothing to change, only a newer revision.
 
-Revision ID: 0002
-Revises: 0001
+Revision ID: {NEXT_REVISION}
+Revises: {HEAD_REVISION}
 """
 
-revision = "0002"
-down_revision = "0001"
+revision = "{NEXT_REVISION}"
+down_revision = "{HEAD_REVISION}"
 branch_labels = None
 depends_on = None
 
@@ -694,17 +698,19 @@ def next_release(tmp_path: Path) -> Path:
     """A copy of this dbtasks with one more migration: the next release.
 
     Run from the copy's folder, `python -m dbtasks` imports the copy, whose
-    head is 0002; a database migrated by this checkout is older than that.
+    head is NEXT_REVISION; a database migrated by this checkout is older.
     """
     copy = tmp_path / "next_release"
     ignore = shutil.ignore_patterns("__pycache__")
     shutil.copytree(ROOT / "dbtasks", copy / "dbtasks", ignore=ignore)
     shutil.copytree(ROOT / "migrations", copy / "migrations", ignore=ignore)
-    (copy / "migrations" / "versions" / "0002_next.py").write_text(NEXT_MIGRATION)
-    # As the release that adds 0002 does (a test holds the two equal).
+    (copy / "migrations" / "versions" / f"{NEXT_REVISION}_next.py").write_text(
+        NEXT_MIGRATION
+    )
+    # As the release that adds the migration does (a test holds the two equal).
     migrate_module = copy / "dbtasks" / "migrate.py"
     migrate_module.write_text(migrate_module.read_text().replace(
-        'HEAD_REVISION = "0001"', 'HEAD_REVISION = "0002"'))
+        f'HEAD_REVISION = "{HEAD_REVISION}"', f'HEAD_REVISION = "{NEXT_REVISION}"'))
     (copy / "release_tasks").mkdir()
     (copy / "release_tasks" / "jobs.py").write_text(textwrap.dedent(GOOD_MODULE))
     return copy
@@ -722,12 +728,15 @@ def test_a_database_at_an_older_revision_is_refused_until_migrated(
     migrated = run("migrate")
     after = run("enqueue", "fine")
 
-    older = ("error: the database's dbtasks schema is at revision 0001, older than "
-             "this code's 0002: run `dbtasks migrate` to upgrade it")
+    older = (f"error: the database's dbtasks schema is at revision {HEAD_REVISION}, "
+             f"older than this code's {NEXT_REVISION}: run `dbtasks migrate` to "
+             "upgrade it")
     assert error_line(worker.returncode, worker.stdout, worker.stderr) == older
     assert error_line(enqueued.returncode, enqueued.stdout, enqueued.stderr) == older
     assert migrated.returncode == 0, migrated.stderr
-    assert "schema upgraded from 0001 to 0002" in migrated.stderr
+    assert f"schema upgraded from {HEAD_REVISION} to {NEXT_REVISION}" in (
+        migrated.stderr
+    )
     assert after.returncode == 0, after.stderr
     assert sql(sqlite_engine, "SELECT id, task FROM dbtasks_jobs") == [
         (int(after.stdout), "fine")

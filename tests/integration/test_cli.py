@@ -22,6 +22,7 @@ import pytest
 from sqlalchemy import select, text
 from sqlalchemy.engine import make_url
 
+from dbtasks.migrate import HEAD_REVISION
 from dbtasks.schema import jobs
 from tests.conftest import APP_TASKS, ROOT, sql
 
@@ -76,9 +77,9 @@ def test_migrate_creates_the_tables_then_has_nothing_to_do(tmp_path):
     second = cli("migrate", database_url=url)
 
     assert first.returncode == 0, first.stderr
-    assert "schema upgraded from empty to 0001" in first.stderr
+    assert f"schema upgraded from empty to {HEAD_REVISION}" in first.stderr
     assert second.returncode == 0, second.stderr
-    assert "schema already at revision 0001" in second.stderr
+    assert f"schema already at revision {HEAD_REVISION}" in second.stderr
     assert (tmp_path / "fresh.db").exists()
 
 

@@ -233,9 +233,8 @@ def test_statement_listeners_and_echo_see_the_insert(pg_url, caplog):
         app.dispose()
         echoing.dispose()
 
-    assert [statement.split(" (")[0] for statement in seen] == [
-        "INSERT INTO dbtasks_jobs"
-    ]
+    assert len(seen) == 1
+    assert "INSERT INTO dbtasks_jobs" in seen[0]
     assert "INSERT INTO dbtasks_jobs" in caplog.text
     assert (traced, echoed) == (1, 2)
 

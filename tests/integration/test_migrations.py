@@ -345,7 +345,7 @@ def test_a_newer_schema_declared_compatible_is_used_and_left_alone(
     queue_engine, empty_url, start_worker
 ):
     migrate.upgrade(queue_engine, None)
-    _stamp(queue_engine, "9999_from_the_future")  # compatible_from stays 0001
+    _stamp(queue_engine, "9999_from_the_future")  # compatible_from stays as it is
 
     migrate.require_current_schema(queue_engine, None)
     commands.migrate(config_for(empty_url))
@@ -356,7 +356,9 @@ def test_a_newer_schema_declared_compatible_is_used_and_left_alone(
              message="the worker to run the job on the newer schema")
     with queue_engine.connect() as conn:
         assert migrate.current_revision(conn, None) == "9999_from_the_future"
-    worker.wait_for_output("newer than this code's 0001, and declared compatible")
+    worker.wait_for_output(
+        f"newer than this code's {migrate.HEAD_REVISION}, and declared compatible"
+    )
 
 
 def test_migrate_on_a_database_from_a_newer_dbtasks_says_to_upgrade(

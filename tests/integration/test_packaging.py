@@ -8,6 +8,7 @@ import sys
 import zipfile
 from pathlib import Path
 
+from dbtasks.migrate import HEAD_REVISION
 from tests.conftest import ROOT
 
 
@@ -23,7 +24,8 @@ def test_migrate_from_an_installed_wheel_outside_the_checkout(tmp_path: Path):
         names = set(archive.namelist())
         archive.extractall(tmp_path / "site")
     assert "dbtasks/_migrations/env.py" in names
-    assert "dbtasks/_migrations/versions/0001_create_queue_tables.py" in names
+    for migration in (ROOT / "migrations" / "versions").glob("*.py"):
+        assert f"dbtasks/_migrations/versions/{migration.name}" in names
 
     # A folder with no checkout in sight; only the unpacked wheel on the path
     # (the dependencies come from this environment's site-packages).
@@ -39,5 +41,5 @@ def test_migrate_from_an_installed_wheel_outside_the_checkout(tmp_path: Path):
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(str(tmp_path / "site"))
-    assert "upgraded from empty to 0001" in result.stderr
+    assert f"upgraded from empty to {HEAD_REVISION}" in result.stderr
     assert (elsewhere / "queue.db").exists()
