@@ -105,6 +105,7 @@ class RawStatement:
         self.name = f"dbtasks_{digest[:24]}".encode()
         self._dialect = dialect
         self._dbapi_error = dialect.loaded_dbapi.Error
+        self._loaders: list[Any] | None = None  # of the result's columns
 
     @classmethod
     def for_engine(cls, statement: Any, engine: Engine) -> RawStatement:
@@ -139,7 +140,11 @@ class RawStatement:
                 cursor.close()
 
     def execute_prepared(
-        self, dbapi_connection: Any, values: dict[str, Any], prepared: set[bytes]
+        self,
+        dbapi_connection: Any,
+        values: dict[str, Any],
+        prepared: set[bytes],
+        begin: bool = False,
     ) -> list[tuple[Any, ...]]:
         """Run as a statement prepared in the session, through libpq; return
         its rows, as `execute` would.
@@ -149,9 +154,12 @@ class RawStatement:
         statement is prepared on its first run in a session. The session
         must be one whose statements are ours to send as they come: no
         pipeline, no COPY under way, in autocommit or inside a transaction
-        already begun, and with UTF-8 as its client encoding. Values are
-        sent as text: str, int, float, bool, aware datetimes, None, and
-        lists of str or int; results are read as psycopg reads them.
+        already begun, and with UTF-8 as its client encoding. With `begin`,
+        it is outside a transaction, and a plain BEGIN goes first, as
+        psycopg would send it, but in the same round trip (_begun_and_run).
+        Values are sent as text: str, int, float, bool, aware datetimes,
+        None, and lists of str or int; results are read as psycopg reads
+        them.
         """
         pgconn = dbapi_connection.pgconn
         params = [_as_text(value) for value in self._params(values)]
@@ -160,10 +168,19 @@ class RawStatement:
                 self._check(pgconn.prepare(self.name, self._libpq_sql, None),
                             dbapi_connection, values, prepared)
                 prepared.add(self.name)
-            result = pgconn.exec_prepared(self.name, params)
+            if begin:
+                begun, result = _begun_and_run(pgconn, self.name, params)
+                self._check(begun, dbapi_connection, values, prepared)
+            else:
+                result = pgconn.exec_prepared(self.name, params)
             self._check(result, dbapi_connection, values, prepared)
         columns = range(result.nfields)
-        loaders = [_loader(dbapi_connection, result.ftype(n)) for n in columns]
+        loaders = self._loaders
+        if loaders is None or len(loaders) != result.nfields:
+            types = [result.ftype(column) for column in columns]
+            loaders = [_loader(dbapi_connection, oid) for oid in types]
+            if all(oid in _LOADERS for oid in types):
+                self._loaders = loaders  # ours: the same in every session
         value = result.get_value
         return [
             tuple(
@@ -200,20 +217,50 @@ class RawStatement:
         )
 
 
-def begin_transaction(dbapi_connection: Any) -> None:
-    """Send BEGIN on a psycopg connection outside a transaction, as psycopg
-    does before its first statement when no isolation level or access mode
-    is set; a failure is raised as SQLAlchemy's DBAPIError."""
-    with dbapi_connection.lock:
-        result = dbapi_connection.pgconn.exec_(b"BEGIN")
-    if result.status != pq.ExecStatus.COMMAND_OK:
-        error = psycopg_errors.error_from_result(
-            result, encoding=dbapi_connection.info.encoding
-        )
-        raise DBAPIError.instance(
-            "BEGIN", None, error, psycopg_errors.Error, hide_parameters=True,
-            connection_invalidated=bool(dbapi_connection.closed),
-        ) from error
+#: Whether this libpq can pipeline statements (version 14 and newer).
+_PIPELINES = pq.version() >= 140000
+
+
+def _begun_and_run(pgconn: Any, name: bytes, params: list[bytes | None]
+                   ) -> tuple[Any, Any]:
+    """BEGIN, then the prepared statement `name`; return both results.
+
+    One round trip, in libpq's pipeline mode, where psycopg would wait for
+    the server twice: for a one-job transaction, a third of the trips. The
+    connection is switched to blocking for the while, so that libpq sends
+    and waits by itself (the messages are a few hundred bytes).
+    """
+    if not _PIPELINES:
+        begun = pgconn.exec_(b"BEGIN")
+        if begun.status != pq.ExecStatus.COMMAND_OK:
+            return begun, begun
+        return begun, pgconn.exec_prepared(name, params)
+    nonblocking = pgconn.nonblocking
+    pgconn.nonblocking = 0
+    try:
+        pgconn.enter_pipeline_mode()
+        pgconn.send_query_params(b"BEGIN", None)
+        pgconn.send_query_prepared(name, params)
+        pgconn.pipeline_sync()
+        begun = _statement_result(pgconn)
+        result = _statement_result(pgconn)
+        synced = pgconn.get_result()
+        # A lost connection never syncs; it is closed, pipeline and all.
+        if synced is not None and synced.status == pq.ExecStatus.PIPELINE_SYNC:
+            pgconn.exit_pipeline_mode()
+    finally:
+        pgconn.nonblocking = nonblocking
+    return begun, result
+
+
+def _statement_result(pgconn: Any) -> Any:
+    """The result of the next statement of a pipeline, and the end of it."""
+    result = pgconn.get_result()
+    if result is not None:
+        pgconn.get_result()  # None: the statement's results are over
+    return result if result is not None else pgconn.make_empty_result(
+        pq.ExecStatus.FATAL_ERROR
+    )
 
 
 def _as_text(value: Any) -> bytes | None:

@@ -34,7 +34,7 @@ from dbtasks.config import (
     name_problem,
     queue_name_problem,
 )
-from dbtasks.database import RawStatement, begin_transaction
+from dbtasks.database import RawStatement
 from dbtasks.errors import InvalidParams, JobError, SchemaError, TaskNotFound
 from dbtasks.params import encode_params
 from dbtasks.tasks import (
@@ -370,9 +370,12 @@ def _insert_job(conn: Connection, job: dict[str, Any], options: dict[str, Any]
     if driver_connection is not None:
         statement = _raw_insert(conn, options, *variant)
         try:
-            prepared = _session_statements(conn, driver_connection)
-            if prepared is not None:
-                rows = statement.execute_prepared(driver_connection, values, prepared)
+            session = _session_statements(conn, driver_connection)
+            if session is not None:
+                prepared, begin = session
+                rows = statement.execute_prepared(
+                    driver_connection, values, prepared, begin
+                )
             else:
                 rows = statement.execute(
                     driver_connection, values, _kept_cursor(conn, driver_connection)
@@ -405,17 +408,21 @@ _PREPARED_KEY = "dbtasks.prepared"
 _CURSOR_KEY = "dbtasks.enqueue_cursor"
 
 
-def _session_statements(conn: Connection, driver_connection: Any) -> set[bytes] | None:
-    """The statements enqueue prepared in this session, where its INSERT may
-    go straight through libpq (database.RawStatement.execute_prepared); None
-    where it goes through a psycopg cursor instead.
+def _session_statements(
+    conn: Connection, driver_connection: Any
+) -> tuple[set[bytes], bool] | None:
+    """The statements enqueue prepared in this session, and whether the
+    transaction is yet to begin, where the INSERT may go straight through
+    libpq (database.RawStatement.execute_prepared); None where it goes
+    through a psycopg cursor instead.
 
     That is a pooled connection in a transaction, or about to begin one with
-    a plain BEGIN (then sent here, as psycopg would send it), where the
-    application allows prepared statements (psycopg's prepare_threshold;
-    None behind PgBouncer in transaction mode) and no pipeline is open.
-    Not where gevent or eventlet made sockets cooperative: libpq's calls
-    wait for the server without letting other green threads run.
+    a plain BEGIN (then sent with the INSERT, as psycopg would send it),
+    where the application allows prepared statements (psycopg's
+    prepare_threshold; None behind PgBouncer in transaction mode) and no
+    pipeline is open. Not where gevent or eventlet made sockets
+    cooperative: libpq's calls wait for the server without letting other
+    green threads run.
     """
     pooled = conn.connection
     if (
@@ -430,7 +437,8 @@ def _session_statements(conn: Connection, driver_connection: Any) -> set[bytes] 
     if pgconn.pipeline_status != pq.PipelineStatus.OFF:
         return None
     status = pgconn.transaction_status
-    if status == pq.TransactionStatus.IDLE:
+    begin = status == pq.TransactionStatus.IDLE
+    if begin:
         # psycopg begins a transaction at its first statement. It would send
         # a plain BEGIN unless an isolation level or access mode is set;
         # then it is left to psycopg.
@@ -440,10 +448,9 @@ def _session_statements(conn: Connection, driver_connection: Any) -> set[bytes] 
             or driver_connection.deferrable is not None
         ):
             return None
-        begin_transaction(driver_connection)
     elif status != pq.TransactionStatus.INTRANS:
         return None
-    return pooled.info.setdefault(_PREPARED_KEY, set())
+    return pooled.info.setdefault(_PREPARED_KEY, set()), begin
 
 
 def _green_sockets() -> bool:

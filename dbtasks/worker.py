@@ -27,6 +27,7 @@ import json
 import logging
 import math
 import os
+import secrets
 import signal
 import socket
 import threading
@@ -208,7 +209,13 @@ class Worker:
         self._hot: Any = None  # a DBAPI connection of the pool's, detached
         self._hot_prepared: set[bytes] = set()  # the statements it has prepared
         self._hot_statements: dict[Any, RawStatement] = {}  # by statement
-        self._notified_claims: dict[int, RawStatement] = {}  # by batch size
+        # The claim the lifeline runs when notified (_claim_when_idle).
+        self._notified_claim: RawStatement | None = None
+        self._notified_values = {
+            "node_name": self.node,
+            "lease": config.lease_seconds,
+            "claim_queue": self._queues[0],
+        }
         self._asleep_until = math.inf  # monotonic time; see _wait
         self._idle = False  # as last written to the node's row
         self._drained = False  # the last claim found fewer jobs than free slots
@@ -490,20 +497,17 @@ class Worker:
             idle = not (self._running or self._ended or self._unrecorded)
         if not idle or not self._any_tasks or self._outage or self._stopping.is_set():
             return False
+        # Idle, every slot is free: the statement and its values but the
+        # token are the same at every notification, made once.
         free = self.config.concurrency
-        statement = self._notified_claims.get(free)
-        if statement is None:
-            statement = RawStatement.for_engine(
+        if self._notified_claim is None:
+            self._notified_claim = RawStatement.for_engine(
                 claim.claim_any_jobs_postgresql(free, self._any_tasks), self.engine
             )
-            self._notified_claims[free] = statement
-        token = uuid.uuid4().hex
-        rows = self._lifeline.execute(statement, {
-            "node_name": self.node,
-            "token": token,
-            "lease": self.config.lease_seconds,
-            "claim_queue": self._queues[0],
-        })
+        token = secrets.token_hex(16)
+        rows = self._lifeline.execute(
+            self._notified_claim, {**self._notified_values, "token": token}
+        )
         claimed = [ClaimedJob(*row, token=token) for row in rows]
         claimed.sort(key=lambda job: (job.priority, job.id))
         for job in claimed:
@@ -611,7 +615,7 @@ class Worker:
         ended = self._unrecorded
         successes = [running.job for running, outcome in ended if outcome is not None]
         successes.sort(key=lambda job: job.id)  # job rows in id order
-        token = uuid.uuid4().hex
+        token = secrets.token_hex(16)
         values = {
             "ids": [job.id for job in successes],
             "tokens": [job.token for job in successes],
@@ -813,7 +817,7 @@ class Worker:
         return owned
 
     def _claim(self, conn: Connection, free: int) -> list[ClaimedJob]:
-        token = uuid.uuid4().hex
+        token = secrets.token_hex(16)
         claimed: list[ClaimedJob] = []
         claim.promote_scheduled_jobs(conn, self._queues)
         if self._all_tasks:
