@@ -36,7 +36,14 @@ from sqlalchemy import (
 
 from dbtasks import queries
 from dbtasks.clock import seconds_from_now, utcnow
-from dbtasks.queries import QUEUED, RUNNING, _node_alive, array_of, in_state
+from dbtasks.queries import (
+    QUEUED,
+    RUNNING,
+    _node_alive,
+    array_of,
+    in_state,
+    row_address,
+)
 from dbtasks.schema import CompletionState, completions, jobs, nodes
 
 
@@ -114,10 +121,11 @@ def claim_any_jobs_postgresql(limit: int, tasks: tuple[str, ...]) -> Update:
     FOR UPDATE SKIP LOCKED, so concurrent claimers take disjoint rows instead
     of queueing on the same ones; the rows a claimer skips do not count
     against its LIMIT. ARRAY(...) makes the subquery an init plan, run once,
-    and the UPDATE then finds its rows by primary key: a plan that stays
-    right when psycopg prepares the statement and the server plans it
-    generically (a join of the subquery, as an IN or a CTE gives, turned
-    into a hash join over the whole table under a generic plan).
+    and the UPDATE then finds its rows by their addresses
+    (queries.row_address): a plan that stays right when the server plans
+    the prepared statement generically (a join of the subquery, as an IN or
+    a CTE gives, turned into a hash join over the whole table; a lookup by
+    primary key, into a scan of it while the table was small).
 
     The LIMIT is written into the statement's text, one statement (and one
     prepared statement) per batch size, so that the generic plan knows it.
@@ -126,7 +134,7 @@ def claim_any_jobs_postgresql(limit: int, tasks: tuple[str, ...]) -> Update:
     """
     picked = jobs.alias("picked")
     due = (
-        select(picked.c.id)
+        select(row_address(picked))
         .where(
             in_state(picked.c.state, QUEUED),
             picked.c.queue == bindparam("claim_queue"),
@@ -140,7 +148,7 @@ def claim_any_jobs_postgresql(limit: int, tasks: tuple[str, ...]) -> Update:
     )
     return (
         update(jobs)
-        .where(jobs.c.id == any_(array_of(due)))
+        .where(row_address(jobs) == any_(array_of(due)))
         .values(_claim_values)
         .returning(*_returned)
     )

@@ -93,6 +93,23 @@ def _array_of_postgresql(element: Any, compiler: Any, **kw: Any) -> str:
     return f"ARRAY({compiler.process(subquery.element, **kw)})"
 
 
+def row_address(table: Any) -> ColumnElement[Any]:
+    """The physical address of a row of `table` (PostgreSQL's ctid).
+
+    The claim and the promotion pick their rows, and lock them, in a
+    subquery, then update them by address: a TID scan, the one plan that
+    needs no statistics. By primary key, the server's generic plan for a
+    table that was small or empty when the worker first ran the statement
+    was a scan of the whole table, kept until the next ANALYZE, however
+    large the table grew meanwhile. A row locked by the subquery keeps its
+    address until this statement updates it; one that another transaction
+    updated after this statement's snapshot is locked at its newest
+    address, which the update then does not see: it stays queued, for the
+    next claim (its lock goes with this statement's commit).
+    """
+    return column("ctid", _selectable=table)
+
+
 def in_state(column: Any, *states: str) -> ColumnElement[bool]:
     """`column` holds one of `states`, with the states written into the SQL.
 
@@ -990,12 +1007,12 @@ def next_due(queue_count: int) -> Select[Any]:
 PROMOTE_BATCH = 1000
 
 
-def due_scheduled_jobs(queue: Any) -> Any:
-    """Ids of a queue's scheduled jobs whose time has come, earliest first, that
-    no one else is moving (SKIP LOCKED)."""
+def due_scheduled_jobs(queue: Any, key: Any = None) -> Any:
+    """Ids (or `key(row)`) of a queue's scheduled jobs whose time has come,
+    earliest first, that no one else is moving (SKIP LOCKED)."""
     scheduled = jobs.alias("scheduled")
     return (
-        select(scheduled.c.id)
+        select(scheduled.c.id if key is None else key(scheduled))
         .where(
             in_state(scheduled.c.state, SCHEDULED),
             scheduled.c.queue == queue,
@@ -1017,12 +1034,12 @@ def promote_scheduled_jobs(dialect: str) -> Update:
     Returns the moved ids: other nodes are notified of them (the caller
     does), since they may be idle and not due to look.
     """
-    picked = due_scheduled_jobs(bindparam("promote_queue"))
-    where = (
-        jobs.c.id == any_(array_of(picked))
-        if dialect == "postgresql"
-        else jobs.c.id.in_(picked)
-    )
+    queue = bindparam("promote_queue")
+    if dialect == "postgresql":
+        picked = due_scheduled_jobs(queue, row_address)
+        where = row_address(jobs) == any_(array_of(picked))
+    else:
+        where = jobs.c.id.in_(due_scheduled_jobs(queue))
     return (
         update(jobs)
         .where(where)

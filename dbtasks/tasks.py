@@ -110,8 +110,9 @@ class Task:
     queue: str = "default"
     priority: int = 0
 
-    @property
+    @functools.cached_property
     def is_async(self) -> bool:
+        # Asked at every start of a job: worked out once.
         return inspect.iscoroutinefunction(self.fn)
 
     @property
