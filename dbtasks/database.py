@@ -103,6 +103,9 @@ class RawStatement:
         digest = hashlib.sha1(self._libpq_sql, usedforsecurity=False).hexdigest()
         #: The name the statement is prepared under, in every session.
         self.name = f"dbtasks_{digest[:24]}".encode()
+        self._returns_rows = bool(
+            compiled.statement.is_select or compiled.effective_returning
+        )
         self._dialect = dialect
         self._dbapi_error = dialect.loaded_dbapi.Error
         self._loaders: list[Any] | None = None  # of the result's columns
@@ -131,8 +134,9 @@ class RawStatement:
             cursor = dbapi_connection.cursor()
         try:
             cursor.execute(self.sql, params)
-            result = cursor.pgresult
-            return cursor.fetchall() if result and result.nfields else []
+            # Fetched as the statement says, not as the cursor has it so far:
+            # in a pipeline, the rows come only when they are fetched.
+            return cursor.fetchall() if self._returns_rows else []
         except self._dbapi_error as exc:
             raise self._wrapped(exc, dbapi_connection, values) from exc
         finally:
@@ -164,15 +168,24 @@ class RawStatement:
         pgconn = dbapi_connection.pgconn
         params = [_as_text(value) for value in self._params(values)]
         with dbapi_connection.lock:
-            if self.name not in prepared:
-                self._check(pgconn.prepare(self.name, self._libpq_sql, None),
-                            dbapi_connection, values, prepared)
-                prepared.add(self.name)
-            if begin:
+            for again in (False, True):
+                if self.name not in prepared:
+                    self._check(pgconn.prepare(self.name, self._libpq_sql, None),
+                                dbapi_connection, values, prepared)
+                    prepared.add(self.name)
+                if not begin:
+                    result = pgconn.exec_prepared(self.name, params)
+                    break
                 begun, result = _begun_and_run(pgconn, self.name, params)
                 self._check(begun, dbapi_connection, values, prepared)
-            else:
-                result = pgconn.exec_prepared(self.name, params)
+                if again or _sqlstate(result) != _NO_SUCH_STATEMENT:
+                    break
+                # Deallocated behind our back (DISCARD ALL, DEALLOCATE ALL),
+                # in a transaction this call began: nothing of the caller's
+                # is in it yet, so it is rolled back and the statement
+                # prepared again.
+                prepared.discard(self.name)
+                pgconn.exec_(b"ROLLBACK")
             self._check(result, dbapi_connection, values, prepared)
         columns = range(result.nfields)
         loaders = self._loaders
@@ -203,9 +216,7 @@ class RawStatement:
             result, encoding=dbapi_connection.info.encoding
         )
         if error.sqlstate == _NO_SUCH_STATEMENT:
-            # Deallocated behind our back (DISCARD ALL, DEALLOCATE): prepared
-            # again at the next run.
-            prepared.discard(self.name)
+            prepared.discard(self.name)  # prepared again at the next run
         raise self._wrapped(error, dbapi_connection, values) from error
 
     def _wrapped(self, exc: Exception, dbapi_connection: Any,
@@ -251,6 +262,11 @@ def _begun_and_run(pgconn: Any, name: bytes, params: list[bytes | None]
     finally:
         pgconn.nonblocking = nonblocking
     return begun, result
+
+
+def _sqlstate(result: Any) -> str | None:
+    code = result.error_field(pq.DiagnosticField.SQLSTATE)
+    return code.decode() if code else None
 
 
 def _statement_result(pgconn: Any) -> Any:

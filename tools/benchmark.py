@@ -854,12 +854,15 @@ def reference_notified_claim(run: Run) -> None:
                 "max_attempts": bench_pickup.max_attempts, "idempotency_key": None,
             })
 
+        prepared: set[bytes] = set()
+
         def take(conn: psycopg.Connection[Any]) -> list[int]:
+            # As the worker's lifeline sends it: prepared, through libpq.
             token = uuid.uuid4().hex
-            rows = claim_jobs.execute(conn, {
+            rows = claim_jobs.execute_prepared(conn, {
                 "node_name": "reference", "token": token, "lease": 30.0,
                 "claim_queue": bench_pickup.queue,
-            })
+            }, prepared)
             return [json.loads(claim.ClaimedJob(*row, token=token).params)["n"]
                     for row in rows]
 

@@ -262,6 +262,113 @@ def test_a_connection_lost_in_the_insert_is_invalidated_and_replaced(pg_url):
     assert [(row[0], row[2]) for row in rows] == [(job_id, '{"lost":false}')]
 
 
+def test_a_connection_lost_before_a_first_insert_is_invalidated_and_replaced(pg_url):
+    app = create_engine(app_url(pg_url))
+    try:
+        with app.connect() as conn:
+            pid = conn.exec_driver_sql("SELECT pg_backend_pid()").scalar()
+            conn.commit()
+            admin_url = pg_url.replace("+psycopg", "")
+            with psycopg.connect(admin_url, autocommit=True) as admin:
+                admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+            # The INSERT is the transaction's first statement: BEGIN goes with it.
+            with pytest.raises(DBAPIError) as lost:
+                enqueue(conn, noop, {"lost": True})
+            assert lost.value.connection_invalidated
+            conn.rollback()
+            with conn.begin():
+                job_id = enqueue(conn, noop, {"lost": False})
+        rows = job_rows(app)
+    finally:
+        app.dispose()
+
+    assert [(row[0], row[2]) for row in rows] == [(job_id, '{"lost":false}')]
+
+
+def test_a_first_enqueue_keeps_the_isolation_level_and_access_mode(pg_url):
+    serializable = create_engine(app_url(pg_url), isolation_level="SERIALIZABLE")
+    read_only = create_engine(app_url(pg_url)).execution_options(
+        postgresql_readonly=True
+    )
+    try:
+        with serializable.begin() as conn:
+            job_id = enqueue(conn, noop, {"isolated": True})
+            level = conn.exec_driver_sql("SHOW transaction_isolation").scalar()
+        with read_only.connect() as conn, pytest.raises(DBAPIError) as refused:
+            enqueue(conn, noop, {"read_only": True})
+        rows = job_rows(serializable)
+    finally:
+        serializable.dispose()
+        read_only.dispose()
+
+    assert level == "serializable"
+    assert "read-only transaction" in str(refused.value)
+    assert [(row[0], row[2]) for row in rows] == [(job_id, '{"isolated":true}')]
+
+
+def test_prepared_statements_turned_off_are_not_used(pg_url):
+    app = create_engine(app_url(pg_url), connect_args={"prepare_threshold": None})
+    try:
+        with app.connect() as conn:
+            for n in range(3):
+                with conn.begin():
+                    enqueue(conn, noop, {"n": n})
+            prepared = conn.exec_driver_sql(
+                "SELECT count(*) FROM pg_prepared_statements"
+            ).scalar()
+        rows = job_rows(app)
+    finally:
+        app.dispose()
+
+    assert prepared == 0
+    assert [row[2] for row in rows] == ['{"n":0}', '{"n":1}', '{"n":2}']
+
+
+def test_statements_deallocated_by_the_application_are_prepared_again(pg_url):
+    app = create_engine(app_url(pg_url))
+    try:
+        with app.connect() as conn:
+            with conn.begin():
+                first = enqueue(conn, noop, {"n": 1})
+            conn.exec_driver_sql("DEALLOCATE ALL")
+            conn.commit()
+            # First in its transaction: prepared again, and run, unseen.
+            with conn.begin():
+                second = enqueue(conn, noop, {"n": 2})
+            conn.exec_driver_sql("DEALLOCATE ALL")
+            conn.commit()
+            # After another statement: the transaction is the caller's, so
+            # the missing statement fails it; the next one prepares it again.
+            with pytest.raises(DBAPIError, match="does not exist"):
+                with conn.begin():
+                    conn.exec_driver_sql("SELECT 1")
+                    enqueue(conn, noop, {"n": 3})
+            with conn.begin():
+                conn.exec_driver_sql("SELECT 1")
+                fourth = enqueue(conn, noop, {"n": 4})
+        rows = job_rows(app)
+    finally:
+        app.dispose()
+
+    assert [(row[0], row[2]) for row in rows] == [
+        (first, '{"n":1}'), (second, '{"n":2}'), (fourth, '{"n":4}')
+    ]
+
+
+def test_an_enqueue_inside_a_psycopg_pipeline_goes_through_it(pg_url):
+    app = create_engine(app_url(pg_url))
+    try:
+        with app.connect() as conn:
+            driver = conn.connection.dbapi_connection
+            with conn.begin(), driver.pipeline():
+                job_id = enqueue(conn, noop, {"pipelined": True})
+        rows = job_rows(app)
+    finally:
+        app.dispose()
+
+    assert [(row[0], row[2]) for row in rows] == [(job_id, '{"pipelined":true}')]
+
+
 def test_enqueue_refuses_a_target_that_is_not_sqlalchemy(database_url):
     with pytest.raises(TypeError, match="needs a SQLAlchemy Session or Connection"):
         enqueue(object(), noop)
