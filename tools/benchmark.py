@@ -444,22 +444,23 @@ def _plain_insert_loop(url: str, count: int, offset: int, ready: Any, go: Any,
 def _transaction_insert_loop(url: str, count: int, offset: int, ready: Any, go: Any,
                              ended: Any) -> None:
     """The plain loop's INSERT on the driver's connection, in the transactions
-    of a SQLAlchemy Connection, as an enqueue is on PostgreSQL (jobs.py sends
-    its INSERT to psycopg directly): what SQLAlchemy's begin and commit cost
-    any enqueue."""
+    of a SQLAlchemy Connection: what SQLAlchemy's begin and commit cost any
+    enqueue, which W1 makes in them."""
     _in_transactions(url, count, offset, ready, go, ended, _plain_insert_one)
 
 
 def _plain_insert_one(conn: Connection, n: int) -> None:
+    marker = "?" if conn.dialect.name == "sqlite" else "%s"
     conn.connection.dbapi_connection.execute(
-        "INSERT INTO plain_rows (payload) VALUES (%s)", (PAYLOAD,))
+        f"INSERT INTO plain_rows (payload) VALUES ({marker})", (PAYLOAD,))
 
 
 def _job_row_loop(url: str, count: int, offset: int, ready: Any, go: Any,
                   ended: Any) -> None:
     """The INSERT an enqueue sends, with its values, in a plain psycopg loop
-    (sent as jobs.py sends it, by RawStatement): what the job row costs the
-    server and the driver, without the rest of enqueue or SQLAlchemy."""
+    (sent as jobs.py sends it: prepared, through libpq, with the BEGIN in
+    the same round trip): what the job row costs the server and the driver,
+    without the rest of enqueue or SQLAlchemy."""
     engine = app_engine(url)
     insert = RawStatement(
         queries.insert_job("postgresql", with_run_at=False, idempotent=False),
@@ -467,14 +468,14 @@ def _job_row_loop(url: str, count: int, offset: int, ready: Any, go: Any,
     )
     engine.dispose()
     values = {"task": bench_noop.name, "queue": bench_noop.queue,
-              "priority": bench_noop.priority, "max_attempts": bench_noop.max_attempts,
-              "idempotency_key": None}
+              "priority": bench_noop.priority, "max_attempts": bench_noop.max_attempts}
+    prepared: set[bytes] = set()
     with psycopg.connect(plain(url)) as conn:
         ready.set()
         go.wait()
         for n in range(offset, offset + count):
             values["params"] = json.dumps({**PARAM, "n": n})
-            insert.execute(conn, values)
+            insert.execute_prepared(conn, values, prepared, begin=True)
             conn.commit()
         ended.put(time.time())
 
@@ -521,12 +522,16 @@ def create_plain_table(url: str) -> None:
 def w1_enqueue(run: Run, kind: str) -> None:
     count = run.size["enqueue"]
     spec = {"workload": "W1 enqueue", "database": kind, "unit": "jobs/s"}
+    # The issue sets W1's targets for PostgreSQL; on SQLite the ratios are
+    # shown without one (see the SQLAlchemy reference line).
+    targets = kind == "postgresql"
 
     url = run.databases.new(kind)
     try:
         rate = in_processes(_enqueue_loop, url, count, 1)
         run.results.add(f"w1_one_{kind}", rate, name="1 per transaction, 1 process",
-                        baseline=f"base_insert_{kind}", target=0.9, **spec)
+                        baseline=f"base_insert_{kind}",
+                        target=0.9 if targets else None, **spec)
     finally:
         run.databases.drop(url)
 
@@ -545,7 +550,8 @@ def w1_enqueue(run: Run, kind: str) -> None:
         rate = in_processes(_enqueue_loop, url, count, 8)
         run.results.add(f"w1_eight_{kind}", rate,
                         name="1 per transaction, 8 processes",
-                        baseline=f"base_insert8_{kind}", target=0.8, **spec)
+                        baseline=f"base_insert8_{kind}",
+                        target=0.8 if targets else None, **spec)
     finally:
         run.databases.drop(url)
 
@@ -564,7 +570,8 @@ def w1_enqueue(run: Run, kind: str) -> None:
             rate = count / (time.perf_counter() - started)
         engine.dispose()
         run.results.add(f"w1_bulk_{kind}", rate, name="enqueue_many, 1 transaction",
-                        baseline=f"base_bulk_{kind}", target=1.0, **spec)
+                        baseline=f"base_bulk_{kind}",
+                        target=1.0 if targets else None, **spec)
     finally:
         run.databases.drop(url)
 
@@ -581,13 +588,12 @@ def baselines_insert(run: Run, kind: str) -> None:
         run.results.add(f"base_insert8_{kind}", in_processes(
             _plain_insert_loop, url, count, 8), name="plain insert loop, 8 processes",
             **spec)
-        if kind == "postgresql":
-            # Not baselines: how far W1's targets can be met at all.
-            run.results.add(
-                "ref_insert_transactions", in_processes(
-                    _transaction_insert_loop, url, count, 1),
-                name="reference: plain insert loop in SQLAlchemy transactions",
-                baseline=f"base_insert_{kind}", **spec)
+        # Not a baseline: what SQLAlchemy's transactions cost any enqueue.
+        run.results.add(
+            f"ref_insert_transactions_{kind}", in_processes(
+                _transaction_insert_loop, url, count, 1),
+            name="reference: plain insert loop in SQLAlchemy transactions",
+            baseline=f"base_insert_{kind}", **spec)
         run.results.add(f"base_bulk_{kind}", _plain_bulk_insert(url, count),
                         name="plain insert of N rows, 1 transaction", **spec)
     finally:
