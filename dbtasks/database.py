@@ -334,6 +334,23 @@ def _loader(dbapi_connection: Any, oid: int) -> Any:
     return load
 
 
+def set_up_hot_session(dbapi_connection: Any) -> None:
+    """Set up a session of a worker's own that runs the hot statements (the
+    claim, the finish) in autocommit, for the worker's life.
+
+    Sequential scans are off, for this session only. Every statement it
+    runs reads rows by index or by address, the plan PostgreSQL makes once
+    it has statistics of the table; before that, while the jobs table is new
+    or has grown since autovacuum last analyzed it, the generic plan of the
+    prepared claim read the whole table to find the rows it had just locked,
+    and kept doing so, however large the table grew, until the next ANALYZE.
+    (A scan with no other way, of the small nodes table, then gets a huge
+    cost estimate: which is why worker sessions have JIT off.)
+    """
+    dbapi_connection.autocommit = True
+    dbapi_connection.execute("SET enable_seqscan = off")
+
+
 def raw_connection(engine: Engine) -> Any:
     """Check a connection out of the engine's pool, for a caller that then
     holds it outside SQLAlchemy (the worker's hot path).
@@ -430,7 +447,14 @@ def _create_postgresql_engine(url: URL, pool_size: int) -> Engine:
         "keepalives_idle": 20,
         "keepalives_interval": 5,
         "keepalives_count": 3,
-        "options": "-c plan_cache_mode=force_generic_plan",
+        # Statements sent through libpq send their text as UTF-8
+        # (RawStatement.execute_prepared).
+        "client_encoding": "utf8",
+        # Plans made once per session (see the README's decisions), and no
+        # JIT: it compiles for hundreds of milliseconds wherever a plan's
+        # cost estimate is high, which a short statement on a table with
+        # stale statistics can have, and set_up_hot_session makes certain.
+        "options": "-c plan_cache_mode=force_generic_plan -c jit=off",
     }
     return create_engine(
         url,

@@ -44,7 +44,7 @@ from typing import Any
 from sqlalchemy import Engine
 
 from dbtasks import queries
-from dbtasks.database import RawStatement
+from dbtasks.database import RawStatement, set_up_hot_session
 from dbtasks.schema import NOTIFY_CHANNEL
 
 logger = logging.getLogger(__name__)
@@ -84,7 +84,7 @@ class Lifeline(threading.Thread):
         pooled = self._engine.raw_connection()
         pooled.detach()
         connection = pooled.dbapi_connection
-        connection.autocommit = True
+        set_up_hot_session(connection)  # it claims when notified
         connection.execute(f"LISTEN {NOTIFY_CHANNEL}")
         self._connection = connection
         self._prepared: set[bytes] = set()  # the statements the session prepared

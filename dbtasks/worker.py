@@ -58,6 +58,7 @@ from dbtasks.database import (
     create_queue_engine,
     is_transient,
     raw_connection,
+    set_up_hot_session,
 )
 from dbtasks.errors import Cancel, ConfigError, JobError, LeaseLost
 from dbtasks.executor import Executor, Run
@@ -653,7 +654,7 @@ class Worker:
         if self._hot is None:
             pooled = raw_connection(self.engine)
             pooled.detach()  # autocommit: it must never go back to the pool
-            pooled.dbapi_connection.autocommit = True
+            set_up_hot_session(pooled.dbapi_connection)
             self._hot = pooled
             self._hot_prepared = set()
         try:
