@@ -17,7 +17,8 @@ from tests.conftest import ROOT
 
 EXPECTED = [
     "base_pgbench1", "base_pgbench10", "base_notify", "ref_notified_claim",
-    "ref_insert_transactions", "ref_job_row",
+    "ref_insert_transactions_postgresql", "ref_insert_transactions_sqlite",
+    "ref_job_row",
     "base_insert_postgresql", "base_insert8_postgresql", "base_bulk_postgresql",
     "base_claim1_postgresql", "base_claim100_postgresql",
     "w1_one_postgresql", "w1_eight_postgresql", "w1_bulk_postgresql",
