@@ -63,6 +63,7 @@ class Lifeline(threading.Thread):
         self._on_notify = on_notify
         self._connection: Any = None
         self._prepared: set[bytes] = set()
+        self._executing = threading.Lock()  # held while a statement runs
         self._stopped = threading.Event()
         self.key: int | None = None
         #: Whether the session holds the lock now: between its loss and the
@@ -108,7 +109,12 @@ class Lifeline(threading.Thread):
         """Run a statement on the listening session, in autocommit; only from
         the callback, on this thread. A lost session raises DBAPIError with
         `connection_invalidated`, and the thread then reconnects."""
-        return statement.execute_prepared(self._connection, values, self._prepared)
+        with self._executing:
+            if self._stopped.is_set():
+                raise ConnectionError("the lifeline is closing")
+            return statement.execute_prepared(
+                self._connection, values, self._prepared
+            )
 
     def _listen(self) -> None:
         """Wait a slice for notifications, and tell the worker of them.
@@ -156,7 +162,10 @@ class Lifeline(threading.Thread):
 
     def close(self) -> None:
         self._stopped.set()
-        self._close_connection()
+        # libpq frees a closed session: not while this thread waits in it for
+        # a statement's answer (which takes milliseconds at most).
+        with self._executing:
+            self._close_connection()
 
     def _close_connection(self) -> None:
         self.held = False
