@@ -165,28 +165,47 @@ class RawStatement:
         None, and lists of str or int; results are read as psycopg reads
         them.
         """
-        pgconn = dbapi_connection.pgconn
         params = [_as_text(value) for value in self._params(values)]
         with dbapi_connection.lock:
-            for again in (False, True):
-                if self.name not in prepared:
-                    self._check(pgconn.prepare(self.name, self._libpq_sql, None),
-                                dbapi_connection, values, prepared)
-                    prepared.add(self.name)
-                if not begin:
-                    result = pgconn.exec_prepared(self.name, params)
-                    break
-                begun, result = _begun_and_run(pgconn, self.name, params)
-                self._check(begun, dbapi_connection, values, prepared)
-                if again or _sqlstate(result) != _NO_SUCH_STATEMENT:
-                    break
-                # Deallocated behind our back (DISCARD ALL, DEALLOCATE ALL),
-                # in a transaction this call began: nothing of the caller's
-                # is in it yet, so it is rolled back and the statement
-                # prepared again.
-                prepared.discard(self.name)
-                pgconn.exec_(b"ROLLBACK")
+            try:
+                result = self._run_prepared(dbapi_connection, params, prepared, begin)
+            except self._dbapi_error as exc:  # from libpq's calls themselves
+                raise self._wrapped(exc, dbapi_connection, values) from exc
             self._check(result, dbapi_connection, values, prepared)
+        return self._rows(result, dbapi_connection)
+
+    def _run_prepared(self, dbapi_connection: Any, params: list[bytes | None],
+                      prepared: set[bytes], begin: bool) -> Any:
+        """execute_prepared's exchange with the server; its result."""
+        pgconn = dbapi_connection.pgconn
+        self._prepare_in(dbapi_connection, prepared)
+        if not begin:
+            return pgconn.exec_prepared(self.name, params)
+        result = self._begin_and_run(dbapi_connection, params, prepared)
+        if _sqlstate(result) == _NO_SUCH_STATEMENT:
+            # Deallocated behind our back (DISCARD ALL, DEALLOCATE ALL), in a
+            # transaction this call began: nothing of the caller's is in it
+            # yet, so it is rolled back and the statement prepared again.
+            prepared.discard(self.name)
+            pgconn.exec_(b"ROLLBACK")
+            self._prepare_in(dbapi_connection, prepared)
+            result = self._begin_and_run(dbapi_connection, params, prepared)
+        return result
+
+    def _prepare_in(self, dbapi_connection: Any, prepared: set[bytes]) -> None:
+        if self.name not in prepared:
+            result = dbapi_connection.pgconn.prepare(self.name, self._libpq_sql, None)
+            self._check(result, dbapi_connection, {}, prepared)
+            prepared.add(self.name)
+
+    def _begin_and_run(self, dbapi_connection: Any, params: list[bytes | None],
+                       prepared: set[bytes]) -> Any:
+        begun, result = _begun_and_run(dbapi_connection.pgconn, self.name, params)
+        self._check(begun, dbapi_connection, {}, prepared)
+        return result
+
+    def _rows(self, result: Any, dbapi_connection: Any) -> list[tuple[Any, ...]]:
+        """A result's rows, as psycopg's cursors would give them."""
         columns = range(result.nfields)
         loaders = self._loaders
         if loaders is None or len(loaders) != result.nfields:
