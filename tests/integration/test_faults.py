@@ -310,14 +310,17 @@ def test_a_periodic_series_survives_its_worker_being_killed(
     )
     killed.kill()
 
+    # Two runs ended on the second worker and were recorded: a run's end is
+    # written by the task, its success by the worker just after.
     wait_for(
         lambda: sql(
             engine,
-            "SELECT count(DISTINCT job_id) FROM test_runs "
-            "WHERE task = 'slow_every_second' AND node = 'rescuer' AND event = 'end'",
+            "SELECT count(DISTINCT r.job_id) FROM test_runs r JOIN dbtasks_jobs j "
+            "ON j.id = r.job_id WHERE r.task = 'slow_every_second' "
+            "AND r.node = 'rescuer' AND r.event = 'end' AND j.state = 'succeeded'",
         )[0][0]
         >= 2,
-        message="two slow runs to end on the second worker",
+        message="two slow runs to end on the second worker and be recorded",
         timeout=40,
     )
 
