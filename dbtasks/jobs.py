@@ -20,7 +20,6 @@ from contextlib import contextmanager
 from datetime import datetime, timedelta
 from typing import Any, overload
 
-from psycopg import pq
 from sqlalchemy import Connection
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
@@ -34,9 +33,9 @@ from dbtasks.config import (
     name_problem,
     queue_name_problem,
 )
-from dbtasks.database import RawStatement
 from dbtasks.errors import InvalidParams, JobError, SchemaError, TaskNotFound
 from dbtasks.params import encode_params
+from dbtasks.statements import RawStatement, libpq
 from dbtasks.tasks import (
     DEFAULT_MAX_ATTEMPTS,
     PRIORITY_RANGE,
@@ -413,7 +412,7 @@ def _session_statements(
 ) -> tuple[set[bytes], bool] | None:
     """The statements enqueue prepared in this session, and whether the
     transaction is yet to begin, where the INSERT may go straight through
-    libpq (database.RawStatement.execute_prepared); None where it goes
+    libpq (statements.RawStatement.execute_prepared); None where it goes
     through a psycopg cursor instead.
 
     That is a pooled connection in a transaction, or about to begin one with
@@ -433,6 +432,7 @@ def _session_statements(
         or _green_sockets()
     ):
         return None
+    pq = libpq()
     pgconn = driver_connection.pgconn
     if pgconn.pipeline_status != pq.PipelineStatus.OFF:
         return None

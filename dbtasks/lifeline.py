@@ -44,8 +44,9 @@ from typing import Any
 from sqlalchemy import Engine
 
 from dbtasks import queries
-from dbtasks.database import RawStatement, set_up_hot_session
+from dbtasks.database import set_up_hot_session
 from dbtasks.schema import NOTIFY_CHANNEL
+from dbtasks.statements import RawStatement
 
 logger = logging.getLogger(__name__)
 

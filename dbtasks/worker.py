@@ -54,7 +54,6 @@ from dbtasks import claim, lease, queries, scheduler
 from dbtasks.claim import ClaimedJob
 from dbtasks.config import Config
 from dbtasks.database import (
-    RawStatement,
     create_queue_engine,
     is_transient,
     raw_connection,
@@ -78,6 +77,7 @@ from dbtasks.outcomes import (
     unreadable_params,
 )
 from dbtasks.params import decode_params
+from dbtasks.statements import RawStatement
 from dbtasks.tasks import (
     ASYNC_CANCEL_GRACE,
     JobContext,
@@ -645,7 +645,7 @@ class Worker:
 
         The connection is held for the worker's life in autocommit, not
         checked out of the pool per batch, and opened again after a failure.
-        Each statement is compiled once (database.RawStatement).
+        Each statement is compiled once (statements.RawStatement).
         """
         raw = self._hot_statements.get(statement)
         if raw is None:

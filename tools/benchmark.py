@@ -68,8 +68,9 @@ from bench_tasks.bench import bench_noop, bench_pickup  # noqa: E402
 
 from dbtasks import claim, enqueue, enqueue_many, queries  # noqa: E402
 from dbtasks.config import config_from_env  # noqa: E402
-from dbtasks.database import RawStatement, create_queue_engine  # noqa: E402
+from dbtasks.database import create_queue_engine  # noqa: E402
 from dbtasks.migrate import upgrade  # noqa: E402
+from dbtasks.statements import RawStatement  # noqa: E402
 
 TASKS = ROOT / "tools" / "bench_tasks"
 LOCAL_POSTGRES = "postgresql://postgres@127.0.0.1:5432/postgres"
