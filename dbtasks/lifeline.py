@@ -89,7 +89,7 @@ class Lifeline(threading.Thread):
         set_up_hot_session(connection)  # it claims when notified
         connection.execute(f"LISTEN {NOTIFY_CHANNEL}")
         self._connection = connection
-        self._prepared: set[bytes] = set()  # the statements the session prepared
+        self._prepared = set()  # the statements the new session has prepared
 
     def _try_lock(self, key: int) -> bool:
         (locked,) = self._connection.execute(
