@@ -269,12 +269,28 @@ def _check_queue(queue: Any) -> str:
 def _check_key(key: Any) -> str | None:
     if key is None:
         return None
-    if not isinstance(key, str) or not 1 <= len(key) <= 200 or "\x00" in key:
+    if (
+        not isinstance(key, str)
+        or not 1 <= len(key) <= 200
+        or "\x00" in key
+        or not _encodable(key)
+    ):
         raise JobError(
-            "idempotency_key must be a string of 1 to 200 characters without NUL, "
-            f"got {key!r:.80}"
+            "idempotency_key must be a string of 1 to 200 characters without NUL "
+            f"or lone surrogates (which no database can store), got {key!r:.80}"
         )
     return key
+
+
+def _encodable(text: str) -> bool:
+    """Whether `text` has no lone surrogate, so that it can be sent as UTF-8."""
+    if text.isascii():
+        return True
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _check_attempts(value: Any) -> int:

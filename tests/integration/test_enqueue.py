@@ -505,11 +505,11 @@ def test_an_idempotency_key_returns_the_first_job_across_transactions(app, engin
     ]
 
 
-@pytest.mark.parametrize("key", ["", "nul\x00key", "k" * 201])
+@pytest.mark.parametrize("key", ["", "nul\x00key", "k" * 201, "lone \ud800 half"])
 def test_an_unstorable_idempotency_key_is_refused(app, engine, key):
     with app.begin() as conn:
         with pytest.raises(JobError, match="idempotency_key must be a string of 1 "
-                           "to 200 characters without NUL"):
+                           "to 200 characters without NUL or lone surrogates"):
             enqueue(conn, noop, idempotency_key=key)
 
     assert job_rows(engine) == []
