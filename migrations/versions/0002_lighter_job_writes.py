@@ -55,6 +55,8 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    """Put back what 0001 made, written out again here: a revision never
+    reads another's code, which may change."""
     if op.get_bind().dialect.name != "postgresql":
         return
     prefix = _schema_prefix()
