@@ -70,7 +70,24 @@ def is_transient(error: BaseException) -> bool:
     """Whether running the failed transaction again may well succeed."""
     if not isinstance(error, DBAPIError):
         return False
-    return getattr(error.orig, "sqlstate", None) in TRANSIENT_SQLSTATES
+    return sqlstate(error) in TRANSIENT_SQLSTATES
+
+
+def sqlstate(error: DBAPIError) -> str | None:
+    """PostgreSQL's five-character code for a failed statement, whichever
+    driver reported it; None when it has none (SQLite, a lost connection).
+
+    Each driver keeps it elsewhere: psycopg 3 and asyncpg (through
+    SQLAlchemy's adapter) as `sqlstate`, psycopg2 as `pgcode`, pg8000 as the
+    "C" field of the server's message, its first argument.
+    """
+    orig = error.orig
+    code = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
+    if code is None and orig is not None and orig.args:
+        fields = orig.args[0]
+        if isinstance(fields, dict):
+            code = fields.get("C")
+    return code if isinstance(code, str) else None
 
 
 def create_queue_engine(config: Config, pool_size: int = 5) -> Engine:

@@ -33,6 +33,7 @@ from dbtasks.config import (
     name_problem,
     queue_name_problem,
 )
+from dbtasks.database import sqlstate
 from dbtasks.errors import InvalidParams, JobError, SchemaError, TaskNotFound
 from dbtasks.params import encode_params
 from dbtasks.statements import RawStatement, libpq
@@ -550,8 +551,7 @@ def _raw_insert(conn: Connection, options: dict[str, Any], with_run_at: bool,
 
 def _is_missing_table(exc: DBAPIError) -> bool:
     # PostgreSQL: undefined_table; SQLite has no codes, only the message.
-    code = getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None)
-    return code == "42P01" or "no such table" in str(exc.orig)
+    return sqlstate(exc) == "42P01" or "no such table" in str(exc.orig)
 
 
 def _with_registered_defaults(

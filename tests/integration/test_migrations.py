@@ -290,6 +290,22 @@ def test_the_library_enqueue_on_an_unmigrated_database_says_to_migrate(empty_url
         app.dispose()
 
 
+@pytest.mark.parametrize("driver", ["psycopg", "psycopg2", "pg8000"])
+@pytest.mark.parametrize("bulk", [False, True], ids=["enqueue", "enqueue_many"])
+def test_every_postgresql_driver_says_to_migrate(new_database, driver, bulk):
+    # Each driver reports the server's "undefined table" in its own way.
+    url = make_url(new_database("postgresql")).set(drivername=f"postgresql+{driver}")
+    app = create_engine(url)
+    try:
+        with pytest.raises(SchemaError, match="dbtasks migrate"), app.begin() as conn:
+            if bulk:
+                enqueue_many(conn, "noop", [{}, {}])
+            else:
+                enqueue(conn, "noop", {})
+    finally:
+        app.dispose()
+
+
 def test_a_worker_on_an_unmigrated_database_stops_and_says_to_migrate(empty_url):
     result = subprocess.run(
         [sys.executable, "-m", "dbtasks", "--database-url", empty_url,
