@@ -105,7 +105,7 @@ def worker(config: Config, queues: str, node_timeout: float | None,
     """
     def build() -> Config:
         return config.replace(
-            queues=tuple(q.strip() for q in queues.split(",")),
+            queues=tuple(queues.split(",")),
             node_timeout=(options["lease_seconds"] if node_timeout is None
                           else node_timeout),
             **options,

@@ -209,7 +209,8 @@ def check_revision(current: str | None, compatible: str | None = None) -> None:
     if current is None:
         raise SchemaError(
             "the database has no dbtasks tables yet: run `dbtasks migrate` "
-            "(with the same --database-url) before enqueuing jobs or starting workers"
+            "(with the same --database-url, and --schema if you gave one) before "
+            "enqueuing jobs or starting workers"
         )
     known = known_revisions()
     if current in known:

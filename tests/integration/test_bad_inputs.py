@@ -643,9 +643,11 @@ def test_a_worker_refuses_a_node_name_its_logs_and_rows_cannot_hold(
     [
         ("q" * 101, "must be a name of 1 to 100 characters"),
         ("a,,b", "name at least one queue, and no empty queue names"),
-        ("default,b, default", "queue 'default' is named twice in --queues"),
+        ("default,b,default", "queue 'default' is named twice in --queues"),
+        # Refused as `dbtasks enqueue --queue " b"` is: no job could be in it.
+        ("a, b", "queue (--queues) ' b' has surrounding spaces"),
     ],
-    ids=["too-long", "empty", "repeated"],
+    ids=["too-long", "empty", "repeated", "spaced"],
 )
 def test_a_worker_refuses_queue_names_no_job_can_have(sqlite_url, queues, message):
     result = cli("worker", "--queues", queues, database_url=sqlite_url)
