@@ -242,6 +242,12 @@ def _default_name(fn: Any, where: str) -> str:
             f"{where}: it has no __name__ to name the task by; give it one "
             "with @task(name=...)"
         )
+    if name == "<lambda>":
+        # Every lambda has this name: a second one would clash with the first.
+        raise TaskError(
+            f"{where}: a lambda has no name of its own to name the task by; "
+            "give it one with task(name=...)(lambda params, context: ...)"
+        )
     return name
 
 

@@ -243,6 +243,14 @@ def test_a_callable_without_a_name_must_be_given_one():
         "unit_sender", "Sends things.", "sent")
 
 
+def test_a_lambda_must_be_given_a_name():
+    with pytest.raises(TaskError, match=r"a lambda has no name of its own to name "
+                       r"the task by; give it one with task\(name=...\)"):
+        task(lambda params, context: "done")
+    named = task(name="unit_lambda")(lambda params, context: "done")
+    assert (named.name, run_inline(named)) == ("unit_lambda", "done")
+
+
 # --- the registry --------------------------------------------------------------
 
 
