@@ -80,7 +80,8 @@ def enqueue(
     `run_at` must be timezone-aware; a past time means now. `priority` runs
     from -100 to 100, lower first. A second enqueue with the same
     `idempotency_key` returns the first job's id and adds nothing, so an
-    enqueue whose commit outcome is unknown can be retried. A task name that
+    enqueue whose commit outcome is unknown can be retried; a key held by a
+    job of another task is refused (JobError). A task name that
     neither this process nor any registered worker knows is refused, unless
     `not_yet_deployed=True`. `schema` defaults to `DBTASKS_SCHEMA`.
     """
@@ -407,12 +408,20 @@ def _insert_job(conn: Connection, job: dict[str, Any], options: dict[str, Any]
         )
         job_id = conn.execute(insert, values, execution_options=options).scalar()
     if job_id is None:
-        # The idempotency key exists: return that job.
-        job_id = conn.execute(
-            queries.job_id_by_idempotency_key,
-            {"idempotency_key": job["idempotency_key"]},
+        # The idempotency key exists: return that job, if it is of this task.
+        key = job["idempotency_key"]
+        job_id, task = conn.execute(
+            queries.job_by_idempotency_key, {"idempotency_key": key},
             execution_options=options,
-        ).scalar_one()
+        ).one()
+        if task != job["task"]:
+            # Keys are one namespace for every task: returning another task's
+            # job would drop this one without a word.
+            raise JobError(
+                f"idempotency_key {key!r:.80} is already job {job_id}'s, of task "
+                f"{task!r}, not {job['task']!r}: give each task keys of its own, "
+                f"such as {job['task'] + ':' + key!r:.80}"
+            )
     return int(job_id)
 
 

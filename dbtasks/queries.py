@@ -260,7 +260,8 @@ def insert_jobs(dialect: str, *, with_run_at: bool) -> Any:
     )
 
 
-job_id_by_idempotency_key: Select[Any] = select(jobs.c.id).where(
+#: The job that holds an idempotency key, and its task.
+job_by_idempotency_key: Select[Any] = select(jobs.c.id, jobs.c.task).where(
     jobs.c.idempotency_key == bindparam("idempotency_key")
 )
 

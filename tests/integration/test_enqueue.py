@@ -484,6 +484,24 @@ def test_an_idempotency_key_returns_the_first_job_across_transactions(app, engin
     ]
 
 
+def test_an_idempotency_key_of_another_task_is_refused_not_returned(app, engine):
+    with app.begin() as conn:
+        first = enqueue(conn, noop, {"try": 1}, idempotency_key="user:5")
+        with pytest.raises(JobError, match=(
+            f"idempotency_key 'user:5' is already job {first}'s, of task 'noop', "
+            "not 'read_app_row': give each task keys of its own, such as "
+            "'read_app_row:user:5'"
+        )):
+            enqueue(conn, read_app_row, {}, idempotency_key="user:5")
+        # The caller's transaction goes on.
+        second = enqueue(conn, read_app_row, {}, idempotency_key="read_app_row:user:5")
+
+    assert [(row[0], row[1], row[8]) for row in job_rows(engine)] == [
+        (first, "noop", "user:5"),
+        (second, "read_app_row", "read_app_row:user:5"),
+    ]
+
+
 @pytest.mark.parametrize("key", ["", "nul\x00key", "k" * 201, "lone \ud800 half"])
 def test_an_unstorable_idempotency_key_is_refused(app, engine, key):
     with app.begin() as conn:
