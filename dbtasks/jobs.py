@@ -35,7 +35,12 @@ from dbtasks.config import (
 )
 from dbtasks.database import sqlstate
 from dbtasks.errors import InvalidParams, JobError, SchemaError, TaskNotFound
-from dbtasks.params import encode_params
+from dbtasks.params import (
+    checked_params,
+    encode_checked,
+    encode_params,
+    encode_params_array,
+)
 from dbtasks.statements import RawStatement, libpq
 from dbtasks.tasks import (
     DEFAULT_MAX_ATTEMPTS,
@@ -142,20 +147,27 @@ def enqueue_many(
             "enqueue_many takes a list of params values, one per job, got "
             f"{type(params_list).__name__}; for one job, use enqueue"
         )
-    params = [_encoded_item(position, value)
-              for position, value in enumerate(params_list)]
+    checked = [_checked_item(position, value)
+               for position, value in enumerate(params_list)]
     if schema is _UNSET:
         schema = os.environ.get("DBTASKS_SCHEMA") or None
-    arguments = (_insert_many, template, params, _check_schema(schema))
+    arguments = (_insert_many, template, checked, _check_schema(schema))
 
     if hasattr(target, "run_sync"):
         return _run_async(target, *arguments)
     return _run(target, *arguments)
 
 
+def _checked_item(position: int, value: Any) -> Any:
+    try:
+        return checked_params(value)
+    except InvalidParams as exc:
+        raise InvalidParams(f"params_list[{position}]: {exc}") from None
+
+
 def _encoded_item(position: int, value: Any) -> str:
     try:
-        return encode_params(value)
+        return encode_checked(value)
     except InvalidParams as exc:
         raise InvalidParams(f"params_list[{position}]: {exc}") from None
 
@@ -319,31 +331,40 @@ def _insert(conn: Connection, job: dict[str, Any], schema: str | None) -> int:
 
 
 def _insert_many(
-    conn: Connection, template: dict[str, Any], params: list[str], schema: str | None
+    conn: Connection, template: dict[str, Any], checked: list[Any], schema: str | None
 ) -> list[int]:
-    if not params:
+    if not checked:
         return []
     with _schema_errors():
         options = _schema_options(conn, schema)
         if template["_look_up"]:
             template = _with_registered_defaults(conn, template, options)
         dialect = conn.dialect.name
-        statement = queries.insert_jobs(
-            dialect, with_run_at=template["run_at"] is not None
-        )
+        with_run_at = template["run_at"] is not None
         values = {key: value for key, value in template.items()
                   if not key.startswith("_") and value is not None}
-        # The params are JSON already: on PostgreSQL they go in an array as
-        # they are, on SQLite as strings (queries.insert_jobs).
+        # On PostgreSQL the params go as one JSON array, each job's its
+        # element's text; on SQLite as an array of JSON strings
+        # (queries.insert_jobs).
         values["params_json"] = (
-            "[" + ",".join(params) + "]" if dialect == "postgresql"
-            else json.dumps(params)
+            encode_params_array(checked) if dialect == "postgresql"
+            else json.dumps([_encoded_item(position, value)
+                             for position, value in enumerate(checked)])
         )
-        rows = conn.execute(statement, values, execution_options=options)
-        ids = sorted(rows.scalars().all())
-        if len(ids) != len(params):
-            raise JobError(f"enqueued {len(ids)} jobs of {len(params)}")
-        return ids
+        driver_connection = _plain_psycopg_connection(conn)
+        if driver_connection is not None:
+            # Ten thousand ids cost SQLAlchemy's result more than the
+            # statement costs psycopg.
+            statement = _raw_statement(conn, options, "many", with_run_at)
+            ids = [row[0] for row in _run_raw(conn, driver_connection, statement,
+                                              values)]
+        else:
+            insert = queries.insert_jobs(dialect, with_run_at=with_run_at)
+            rows = conn.execute(insert, values, execution_options=options)
+            ids = rows.scalars().all()
+        if len(ids) != len(checked):
+            raise JobError(f"enqueued {len(ids)} jobs of {len(checked)}")
+        return sorted(ids)
 
 
 def _schema_options(conn: Connection, schema: str | None) -> dict[str, Any]:
@@ -385,22 +406,12 @@ def _insert_job(conn: Connection, job: dict[str, Any], options: dict[str, Any]
               if not key.startswith("_") and value is not None}
     driver_connection = _plain_psycopg_connection(conn)
     if driver_connection is not None:
-        statement = _raw_insert(conn, options, *variant)
-        try:
-            session = _session_statements(conn, driver_connection)
-            if session is not None:
-                prepared, begin = session
-                rows = statement.execute_prepared(
-                    driver_connection, values, prepared, begin
-                )
-            else:
-                rows = statement.execute(
-                    driver_connection, values, _kept_cursor(conn, driver_connection)
-                )
-        except DBAPIError as exc:
-            if exc.connection_invalidated:
-                conn.invalidate(exc.orig)  # as SQLAlchemy does on a lost connection
-            raise
+        statement = _raw_statement(conn, options, "one", *variant)
+        session = _session_statements(conn, driver_connection)
+        if session is not None:
+            rows = _run_raw(conn, driver_connection, statement, values, session)
+        else:
+            rows = _run_raw(conn, driver_connection, statement, values)
         job_id = rows[0][0] if rows else None
     else:
         insert = queries.insert_job(
@@ -535,23 +546,49 @@ def _plain_psycopg_connection(conn: Connection) -> Any | None:
     return conn.connection.dbapi_connection
 
 
-#: Compiled INSERTs by dialect, then by (schema map, with run_at, idempotent).
+def _run_raw(conn: Connection, driver_connection: Any, statement: RawStatement,
+             values: dict[str, Any],
+             session: tuple[set[bytes], bool] | None = None) -> list[Any]:
+    """Run one of enqueue's INSERTs on the driver's connection: prepared
+    through libpq where `session` (_session_statements) allows, else on the
+    cursor enqueue keeps. Return its rows."""
+    try:
+        if session is not None:
+            prepared, begin = session
+            return statement.execute_prepared(driver_connection, values, prepared,
+                                              begin)
+        return statement.execute(
+            driver_connection, values, _kept_cursor(conn, driver_connection)
+        )
+    except DBAPIError as exc:
+        if exc.connection_invalidated:
+            conn.invalidate(exc.orig)  # as SQLAlchemy does on a lost connection
+        raise
+
+
+#: Compiled INSERTs by dialect, then by (schema map, "one" or "many", and
+#: the variant's flags).
 _raw_inserts: weakref.WeakKeyDictionary[Any, dict[Any, RawStatement]] = (
     weakref.WeakKeyDictionary()
 )
 
 
-def _raw_insert(conn: Connection, options: dict[str, Any], with_run_at: bool,
-                idempotent: bool) -> RawStatement:
+def _raw_statement(conn: Connection, options: dict[str, Any], kind: str,
+                   with_run_at: bool, idempotent: bool = False) -> RawStatement:
+    """enqueue's INSERT (`kind` "one") or enqueue_many's ("many"), compiled
+    for the connection's dialect and schema."""
     translate = options.get("schema_translate_map") or conn.get_execution_options(
     ).get("schema_translate_map")
     key = (tuple(sorted(translate.items(), key=str)) if translate else None,
-           with_run_at, idempotent)
+           kind, with_run_at, idempotent)
     compiled = _raw_inserts.setdefault(conn.dialect, {})
     statement = compiled.get(key)
     if statement is None:
-        insert = queries.insert_job(
-            "postgresql", with_run_at=with_run_at, idempotent=idempotent
+        insert = (
+            queries.insert_job("postgresql", with_run_at=with_run_at,
+                               idempotent=idempotent)
+            if kind == "one"
+            else queries.insert_jobs("postgresql", with_run_at=with_run_at)
         )
         statement = RawStatement(insert, conn.dialect, translate)
         compiled[key] = statement

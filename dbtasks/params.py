@@ -50,8 +50,14 @@ _decoder = json.JSONDecoder(parse_constant=_refuse_constant)
 
 def encode_params(params: Any) -> str:
     """Validate params and return their JSON text; raise InvalidParams if unfit."""
+    return encode_checked(checked_params(params))
+
+
+def checked_params(params: Any) -> Any:
+    """Validate params and return the value to encode (None gives {}); raise
+    InvalidParams if unfit. The size limit is checked on encoding."""
     if params is None:
-        return "{}"
+        return {}
     try:
         _check(params, 0)
     except _Unfit as unfit:
@@ -59,7 +65,41 @@ def encode_params(params: Any) -> str:
         if len(path) > 200:
             path = path[:200] + "..."
         raise InvalidParams(path + unfit.message) from None
-    text = _encoder.encode(params)
+    return params
+
+
+def encode_params_array(values: list[Any]) -> str:
+    """The JSON array of checked params values (checked_params), as one text
+    whose elements are each value's encode_params text; raise InvalidParams,
+    naming the position, for a value over the size limit.
+
+    Encoded a thousand at a time: one call of the JSON encoder for each
+    value cost half of the CPU time of a bulk enqueue. A slice whose text is
+    within the limit holds no value over it; only a longer one is encoded
+    again value by value, to find it.
+    """
+    texts = []
+    for start in range(0, len(values), _ARRAY_SLICE):
+        part = values[start:start + _ARRAY_SLICE]
+        text = _encoder.encode(part)
+        if len(text) > MAX_PARAMS_BYTES:
+            for position, value in enumerate(part, start):
+                try:
+                    encode_checked(value)
+                except InvalidParams as exc:
+                    raise InvalidParams(f"params_list[{position}]: {exc}") from None
+        texts.append(text[1:-1])
+    return "[" + ",".join(texts) + "]"
+
+
+#: Values encoded in one call by encode_params_array.
+_ARRAY_SLICE = 1000
+
+
+def encode_checked(value: Any) -> str:
+    """The JSON text of a checked params value (checked_params); raise
+    InvalidParams if it is over the size limit."""
+    text = _encoder.encode(value)
     if len(text) > MAX_PARAMS_BYTES:
         raise InvalidParams(
             f"params are {len(text):,} bytes as JSON, over the limit of "

@@ -9,7 +9,7 @@ from sqlalchemy import select, text
 
 from dbtasks import enqueue_many
 from dbtasks.errors import InvalidParams, JobError
-from dbtasks.params import decode_params
+from dbtasks.params import MAX_PARAMS_BYTES, decode_params
 from dbtasks.schema import jobs
 from tests.app_tasks.basic import noop
 from tests.conftest import sql
@@ -52,6 +52,30 @@ def test_one_bad_params_value_refuses_the_whole_batch_before_writing(engine):
             enqueue_many(conn, noop, [{"x": 1}, {"x": float("nan")}])
 
     assert sql(engine, "SELECT count(*) FROM dbtasks_jobs") == [(0,)]
+
+
+def test_a_params_value_over_the_size_limit_is_refused_by_its_position(engine):
+    params = [{"n": n} for n in range(2_500)]
+    params[1_500] = {"text": "x" * MAX_PARAMS_BYTES}
+    with engine.begin() as conn:
+        with pytest.raises(InvalidParams, match=(
+            r"^params_list\[1500\]: params are 1,048,587 bytes as JSON, over the "
+            r"limit of 1,048,576"
+        )):
+            enqueue_many(conn, noop, params)
+
+    assert sql(engine, "SELECT count(*) FROM dbtasks_jobs") == [(0,)]
+
+
+def test_a_batch_over_the_size_limit_of_one_params_value_goes_in_whole(engine):
+    # Each value is within the limit; together they are twice over it.
+    params = [{"text": letter * (MAX_PARAMS_BYTES - 20)} for letter in "ab"]
+    params.append(None)
+    with engine.begin() as conn:
+        ids = enqueue_many(conn, noop, params)
+
+    stored = dict(sql(engine, "SELECT id, params FROM dbtasks_jobs"))
+    assert [decode_params(stored[job_id]) for job_id in ids] == [*params[:2], {}]
 
 
 def test_run_at_applies_to_every_job_and_a_naive_one_is_refused(engine):
