@@ -354,7 +354,9 @@ def _insert_many(
         driver_connection = _plain_psycopg_connection(conn)
         if driver_connection is not None:
             # Ten thousand ids cost SQLAlchemy's result more than the
-            # statement costs psycopg.
+            # statement costs psycopg. On the kept cursor, not prepared: a
+            # statement of one run per transaction, whose one big value
+            # psycopg sends as it is.
             statement = _raw_statement(conn, options, "many", with_run_at)
             ids = [row[0] for row in _run_raw(conn, driver_connection, statement,
                                               values)]
@@ -407,11 +409,8 @@ def _insert_job(conn: Connection, job: dict[str, Any], options: dict[str, Any]
     driver_connection = _plain_psycopg_connection(conn)
     if driver_connection is not None:
         statement = _raw_statement(conn, options, "one", *variant)
-        session = _session_statements(conn, driver_connection)
-        if session is not None:
-            rows = _run_raw(conn, driver_connection, statement, values, session)
-        else:
-            rows = _run_raw(conn, driver_connection, statement, values)
+        rows = _run_raw(conn, driver_connection, statement, values,
+                        _session_statements(conn, driver_connection))
         job_id = rows[0][0] if rows else None
     else:
         insert = queries.insert_job(

@@ -240,12 +240,14 @@ def insert_jobs(dialect: str, *, with_run_at: bool) -> Any:
         else utcnow()
     )
     rows = (
+        # Typed as their columns, so that PostgreSQL gets each value's type
+        # in the SQL (::VARCHAR and the like) from every driver that casts.
         select(
-            bindparam("task"),
-            bindparam("queue"),
+            bindparam("task", type_=jobs.c.task.type),
+            bindparam("queue", type_=jobs.c.queue.type),
             params,
-            bindparam("priority"),
-            bindparam("max_attempts"),
+            bindparam("priority", type_=jobs.c.priority.type),
+            bindparam("max_attempts", type_=jobs.c.max_attempts.type),
             state_for(run_at) if with_run_at else literal_column(f"'{QUEUED}'"),
             run_at,
             utcnow(),
