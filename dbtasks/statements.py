@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import re
+import select
 from datetime import datetime
 from typing import Any
 
@@ -224,11 +225,16 @@ class RawStatement:
         """Raise what psycopg would for a failed libpq result."""
         if result.status in _succeeded():
             return
-        from psycopg.errors import error_from_result
+        from psycopg import errors
 
-        error = error_from_result(
+        error = errors.error_from_result(
             result, encoding=dbapi_connection.info.encoding
         )
+        if error.sqlstate is None and (
+            dbapi_connection.pgconn.status == libpq().ConnStatus.BAD
+        ):
+            # The connection was lost: OperationalError, as psycopg raises.
+            error = errors.OperationalError(str(error))
         if error.sqlstate == _NO_SUCH_STATEMENT:
             prepared.discard(self.name)  # prepared again at the next run
         raise self._wrapped(error, dbapi_connection, values) from error
@@ -248,8 +254,11 @@ def _begun_and_run(pgconn: Any, name: bytes, params: list[bytes | None]
 
     One round trip, in libpq's pipeline mode, where psycopg would wait for
     the server twice: for a one-job transaction, a third of the trips. The
-    connection is switched to blocking for the while, so that libpq sends
-    and waits by itself (the messages are a few hundred bytes).
+    connection stays non-blocking and the waits are ours (_wait), made with
+    Python's other threads free to run, as psycopg's own are: libpq's
+    blocking reads, through psycopg's wrapper, would hold the GIL while the
+    INSERT waits for a row lock, and stop every thread of the process, the
+    lock's holder among them.
     """
     pq = libpq()
     if pq.version() < 140000:  # no pipelines before libpq 14
@@ -257,22 +266,48 @@ def _begun_and_run(pgconn: Any, name: bytes, params: list[bytes | None]
         if begun.status != pq.ExecStatus.COMMAND_OK:
             return begun, begun
         return begun, pgconn.exec_prepared(name, params)
-    nonblocking = pgconn.nonblocking
-    pgconn.nonblocking = 0
+    pgconn.enter_pipeline_mode()
     try:
-        pgconn.enter_pipeline_mode()
         pgconn.send_query_params(b"BEGIN", None)
         pgconn.send_query_prepared(name, params)
         pgconn.pipeline_sync()
+        while pgconn.flush():  # the messages are a few hundred bytes: seldom
+            if _wait(pgconn.socket, writing=True):
+                pgconn.consume_input()
         begun = _statement_result(pgconn)
         result = _statement_result(pgconn)
-        synced = pgconn.get_result()
-        # A lost connection never syncs; it is closed, pipeline and all.
-        if synced is not None and synced.status == pq.ExecStatus.PIPELINE_SYNC:
-            pgconn.exit_pipeline_mode()
-    finally:
-        pgconn.nonblocking = nonblocking
+        synced = _next_result(pgconn)
+    except BaseException:
+        # Cut off mid-exchange (a lost connection, KeyboardInterrupt): the
+        # session's state is unknown, so it is closed, and its transaction
+        # with it; the caller's next statement finds it closed.
+        pgconn.finish()
+        raise
+    if synced is not None and synced.status == pq.ExecStatus.PIPELINE_SYNC:
+        pgconn.exit_pipeline_mode()
     return begun, result
+
+
+def _next_result(pgconn: Any) -> Any:
+    """libpq's next result of the pipeline, once it has come in whole."""
+    while pgconn.is_busy():
+        _wait(pgconn.socket)
+        pgconn.consume_input()  # raises OperationalError on a lost connection
+    return pgconn.get_result()
+
+
+def _wait(socket: int, writing: bool = False) -> bool:
+    """Wait until the socket can be read (or written, with `writing`),
+    releasing the GIL; return whether it can be read."""
+    if not hasattr(select, "poll"):  # Windows
+        readable, _, broken = select.select(
+            [socket], [socket] if writing else [], [socket]
+        )
+        return bool(readable or broken)
+    poller = select.poll()
+    poller.register(socket, select.POLLIN | (select.POLLOUT if writing else 0))
+    return any(event & (select.POLLIN | select.POLLERR | select.POLLHUP)
+               for _, event in poller.poll())
 
 
 def _sqlstate(result: Any) -> str | None:
@@ -282,9 +317,9 @@ def _sqlstate(result: Any) -> str | None:
 
 def _statement_result(pgconn: Any) -> Any:
     """The result of the next statement of a pipeline, and the end of it."""
-    result = pgconn.get_result()
+    result = _next_result(pgconn)
     if result is not None:
-        pgconn.get_result()  # None: the statement's results are over
+        _next_result(pgconn)  # None: the statement's results are over
     return result if result is not None else pgconn.make_empty_result(
         libpq().ExecStatus.FATAL_ERROR
     )

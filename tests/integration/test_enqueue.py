@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from datetime import datetime, timedelta, timezone
@@ -19,7 +21,7 @@ import psycopg
 import pytest
 from sqlalchemy import Engine, create_engine, event, insert, select, text
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 from sqlalchemy.orm import Session
 
@@ -250,7 +252,7 @@ def test_a_connection_lost_in_the_insert_is_invalidated_and_replaced(pg_url, fir
             admin_url = pg_url.replace("+psycopg", "")
             with psycopg.connect(admin_url, autocommit=True) as admin:
                 admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
-            with pytest.raises(DBAPIError) as lost:
+            with pytest.raises(OperationalError) as lost:  # as SQLAlchemy raises it
                 enqueue(conn, noop, {"lost": True})
             assert lost.value.connection_invalidated
             assert conn.invalidated
@@ -262,6 +264,46 @@ def test_a_connection_lost_in_the_insert_is_invalidated_and_replaced(pg_url, fir
         app.dispose()
 
     assert [(row[0], row[2]) for row in rows] == [(job_id, '{"lost":false}')]
+
+
+def test_an_enqueue_waiting_for_a_lock_lets_the_other_threads_run(pg_url):
+    # The key's row lock is held by this thread's transaction: an enqueue
+    # that kept the GIL while it waited would stop this thread from ever
+    # committing (until lock_timeout ends the wait, failing the test).
+    app = create_engine(app_url(pg_url),
+                        connect_args={"options": "-c lock_timeout=5s"})
+    outcome: dict[str, Any] = {}
+
+    def second_enqueue() -> None:
+        try:
+            with app.begin() as conn:  # the INSERT goes with the BEGIN
+                outcome["id"] = enqueue(conn, noop, idempotency_key="held")
+        except Exception as exc:  # noqa: BLE001 - reported by the assertion
+            outcome["error"] = exc
+
+    waiting = ("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+               "AND datname = current_database()")
+    try:
+        with app.connect() as holder, psycopg.connect(
+            pg_url.replace("+psycopg", ""), autocommit=True
+        ) as observer:
+            first = enqueue(holder, noop, idempotency_key="held")
+            thread = threading.Thread(target=second_enqueue)
+            thread.start()
+            longest_pause = 0.0
+            last = time.monotonic()
+            while observer.execute(waiting).fetchone() == (0,) and thread.is_alive():
+                time.sleep(0.01)
+                now = time.monotonic()
+                longest_pause, last = max(longest_pause, now - last), now
+            blocked = thread.is_alive()
+            holder.commit()
+            thread.join(timeout=30)
+    finally:
+        app.dispose()
+
+    assert blocked and longest_pause < 1.0
+    assert outcome == {"id": first}
 
 
 def test_a_first_enqueue_keeps_the_isolation_level_and_access_mode(pg_url):
