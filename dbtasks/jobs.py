@@ -15,14 +15,14 @@ import json
 import os
 import sys
 import weakref
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import datetime, timedelta
 from typing import Any, overload
 
 from sqlalchemy import Connection
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, scoped_session
 
 from dbtasks import queries
 from dbtasks.clock import MAX_SECONDS
@@ -79,8 +79,9 @@ def enqueue(
 ) -> Any:
     """Enqueue a job in the caller's transaction and return its id.
 
-    `target` is a Session or Connection; an AsyncSession or AsyncConnection
-    gives an awaitable instead (`job_id = await enqueue(session, ...)`).
+    `target` is a Session or Connection (or a scoped_session); an
+    AsyncSession or AsyncConnection (or an async_scoped_session) gives an
+    awaitable instead (`job_id = await enqueue(session, ...)`).
 
     `run_at` must be timezone-aware; a past time means now. `priority` runs
     from -100 to 100, lower first. A second enqueue with the same
@@ -104,6 +105,7 @@ def enqueue(
         schema = os.environ.get("DBTASKS_SCHEMA") or None
     schema = _check_schema(schema)
 
+    target = _unscoped(target)
     if hasattr(target, "run_sync"):
         return _run_async(target, _insert, job, schema)
     return _run(target, _insert, job, schema)
@@ -140,8 +142,8 @@ def enqueue_many(
         max_attempts=max_attempts,
         not_yet_deployed=not_yet_deployed,
     )
-    if isinstance(params_list, (str, bytes, dict)) or not isinstance(
-        params_list, Iterable
+    if isinstance(params_list, (str, bytes, bytearray, memoryview, Mapping)) or (
+        not isinstance(params_list, Iterable)
     ):
         raise JobError(
             "enqueue_many takes a list of params values, one per job, got "
@@ -153,6 +155,7 @@ def enqueue_many(
         schema = os.environ.get("DBTASKS_SCHEMA") or None
     arguments = (_insert_many, template, checked, _check_schema(schema))
 
+    target = _unscoped(target)
     if hasattr(target, "run_sync"):
         return _run_async(target, *arguments)
     return _run(target, *arguments)
@@ -170,6 +173,19 @@ def _encoded_item(position: int, value: Any) -> str:
         return encode_checked(value)
     except InvalidParams as exc:
         raise InvalidParams(f"params_list[{position}]: {exc}") from None
+
+
+def _unscoped(target: Any) -> Any:
+    """The session a scoped_session (Flask-SQLAlchemy's `db.session`) or an
+    async_scoped_session stands for in this thread or task; else `target`."""
+    if isinstance(target, scoped_session):
+        return target()
+    asyncio_extension = sys.modules.get("sqlalchemy.ext.asyncio")
+    if asyncio_extension is not None and isinstance(
+        target, asyncio_extension.async_scoped_session
+    ):
+        return target()
+    return target
 
 
 def _run(target: Any, function: Any, *arguments: Any) -> Any:

@@ -13,13 +13,16 @@ enqueue, before anything is written, with the path to the bad value:
   them into text and back; pass them as strings).
 
 Strings are stored with non-ASCII and control characters escaped, so NUL and
-lone surrogates come back too, on PostgreSQL as on SQLite.
+lone surrogates come back too, on PostgreSQL as on SQLite. A surrogate pair
+held as two characters (from text decoded with 'surrogatepass') is refused:
+JSON reads its two escapes back as the one character they encode.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 from typing import Any
 
 from dbtasks.errors import InvalidParams
@@ -130,7 +133,11 @@ def _check(value: Any, depth: int) -> None:
     # bool is an int subclass and fine; exact type checks keep out subclasses
     # (IntEnum, str subclasses) whose JSON form would not come back as given.
     kind = type(value)
-    if kind is str or kind is bool or value is None:
+    if kind is str:
+        if not value.isascii():
+            _check_text(value)
+        return
+    if kind is bool or value is None:
         return
     if kind is int:
         if value.bit_length() > MAX_INT_BITS:
@@ -154,11 +161,14 @@ def _check(value: Any, depth: int) -> None:
         )
     items = value.items() if kind is dict else enumerate(value)
     for key, item in items:
-        if kind is dict and type(key) is not str:
-            raise _Unfit(
-                f" has the key {key!r:.60} of type {type(key).__name__}; "
-                "JSON keys are strings, so it would come back changed: use str keys"
-            )
+        if kind is dict:
+            if type(key) is not str:
+                raise _Unfit(
+                    f" has the key {key!r:.60} of type {type(key).__name__}; JSON "
+                    "keys are strings, so it would come back changed: use str keys"
+                )
+            if not key.isascii():
+                _check_text(key, " has a key that holds")
         try:
             _check(item, depth + 1)
         except _Unfit as unfit:
@@ -166,8 +176,26 @@ def _check(value: Any, depth: int) -> None:
             raise
 
 
+def _check_text(text: str, holder: str = " holds") -> None:
+    """Refuse a string with a surrogate pair as two characters: JSON writes
+    both escaped, and reads the two escapes back as the one character they
+    encode, so the string would come back changed."""
+    pair = _SURROGATE_PAIR.search(text)
+    if pair is not None:
+        raise _Unfit(
+            f"{holder} the surrogate pair {pair.group()!r} as two characters, which "
+            "would come back as the one character they encode; join them: "
+            "text.encode('utf-16', 'surrogatepass').decode('utf-16')"
+        )
+
+
+_SURROGATE_PAIR = re.compile("[\ud800-\udbff][\udc00-\udfff]")
+
+
 def _describe(value: Any) -> str:
-    return f"a {type(value).__name__} ({value!r:.60})"
+    name = type(value).__name__
+    article = "an" if name[:1].lower() in "aeiou" else "a"
+    return f"{article} {name} ({value!r:.60})"
 
 
 def _advice(value: Any) -> str:

@@ -22,8 +22,13 @@ import pytest
 from sqlalchemy import Engine, create_engine, event, insert, select, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, OperationalError
-from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
-from sqlalchemy.orm import Session
+from sqlalchemy.ext.asyncio import (
+    AsyncSession,
+    async_scoped_session,
+    async_sessionmaker,
+    create_async_engine,
+)
+from sqlalchemy.orm import Session, scoped_session, sessionmaker
 
 from dbtasks import InvalidParams, JobError, TaskNotFound, enqueue, enqueue_many, task
 from dbtasks.clock import utcnow
@@ -92,7 +97,7 @@ def stored_params(engine: Engine) -> list[Any]:
 # --- the caller's transaction ------------------------------------------------
 
 
-@pytest.mark.parametrize("target", ["connection", "session"])
+@pytest.mark.parametrize("target", ["connection", "session", "scoped"])
 def test_a_job_exists_only_if_the_transaction_commits(app, engine, target):
     with pytest.raises(Boom):
         with _transaction(app, target) as conn:
@@ -110,16 +115,25 @@ def test_a_job_exists_only_if_the_transaction_commits(app, engine, target):
 
 @contextmanager
 def _transaction(app: Engine, target: str) -> Iterator[Any]:
-    """A Connection or a Session in a transaction that commits at the end."""
+    """A Connection, a Session or a scoped_session (Flask-SQLAlchemy's
+    `db.session`) in a transaction that commits at the end."""
     if target == "connection":
         with app.begin() as conn:
             yield conn
+        return
+    if target == "scoped":
+        scoped = scoped_session(sessionmaker(app))
+        try:
+            with scoped.begin():
+                yield scoped
+        finally:
+            scoped.remove()
         return
     with Session(app) as session, session.begin():
         yield session
 
 
-@pytest.mark.parametrize("target", ["connection", "session"])
+@pytest.mark.parametrize("target", ["connection", "session", "scoped"])
 def test_asyncio_enqueue_commits_or_rolls_back(database_url, engine, target):
     async def scenario() -> int:
         app = create_async_engine(app_url(database_url, aio=True))
@@ -145,6 +159,15 @@ async def _async_transaction(app: Any, target: str) -> AsyncIterator[Any]:
     if target == "connection":
         async with app.begin() as conn:
             yield conn
+        return
+    if target == "scoped":
+        scoped = async_scoped_session(async_sessionmaker(app),
+                                      scopefunc=asyncio.current_task)
+        try:
+            async with scoped.begin():
+                yield scoped
+        finally:
+            await scoped.remove()
         return
     async with AsyncSession(app) as session, session.begin():
         yield session

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import UserDict
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -95,8 +96,12 @@ def test_an_empty_list_enqueues_nothing(engine):
     assert sql(engine, "SELECT count(*) FROM dbtasks_jobs") == [(0,)]
 
 
-@pytest.mark.parametrize("params_list", ["abc", {"a": 1}, b"ab", 5],
-                         ids=["str", "dict", "bytes", "int"])
+@pytest.mark.parametrize(
+    "params_list",
+    ["abc", {"a": 1}, b"ab", bytearray(b"ab"), memoryview(b"ab"),
+     UserDict({"a": 1}), 5],
+    ids=["str", "dict", "bytes", "bytearray", "memoryview", "mapping", "int"],
+)
 def test_params_list_must_be_a_list_of_values(engine, params_list):
     with engine.begin() as conn:
         with pytest.raises(JobError, match="enqueue_many takes a list of params"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import ipaddress
 import json
 from datetime import date, datetime, time, timezone
 from decimal import Decimal
@@ -101,10 +102,18 @@ def test_non_ascii_and_nul_are_stored_escaped():
         ({"n": Name("x")}, "params['n'] is a Name"),
         (object(), "params may hold only dicts with str keys, lists, str, int, "
          "finite float, bool and None"),
+        (ipaddress.ip_address("::1"), "params is an IPv6Address"),
+        # Two characters that JSON would read back as the one they encode.
+        ({"p": ["é\ud83d\ude00"]}, "params['p'][0] holds the surrogate pair "
+         "'\\ud83d\\ude00' as two characters, which would come back as the one "
+         "character they encode; join them: "
+         "text.encode('utf-16', 'surrogatepass').decode('utf-16')"),
+        ({"\ud83d\ude00": 1}, "params has a key that holds the surrogate pair"),
     ],
     ids=["nan", "inf", "nested-inf", "tuple", "set", "frozenset", "bytes",
          "bytearray", "datetime", "date", "time", "decimal", "int-key",
-         "none-key", "int-enum", "str-subclass", "object"],
+         "none-key", "int-enum", "str-subclass", "object", "an-article",
+         "surrogate-pair", "surrogate-pair-key"],
 )
 def test_unfit_values_are_refused_with_their_path_and_a_fix(value, message):
     with pytest.raises(InvalidParams) as refused:
