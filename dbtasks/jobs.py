@@ -34,12 +34,13 @@ from dbtasks.config import (
     queue_name_problem,
 )
 from dbtasks.database import sqlstate
-from dbtasks.errors import InvalidParams, JobError, SchemaError, TaskNotFound
+from dbtasks.errors import JobError, SchemaError, TaskNotFound
 from dbtasks.params import (
     checked_params,
     encode_checked,
     encode_params,
     encode_params_array,
+    in_list,
 )
 from dbtasks.statements import RawStatement, libpq
 from dbtasks.tasks import (
@@ -149,7 +150,7 @@ def enqueue_many(
             "enqueue_many takes a list of params values, one per job, got "
             f"{type(params_list).__name__}; for one job, use enqueue"
         )
-    checked = [_checked_item(position, value)
+    checked = [in_list(position, checked_params, value)
                for position, value in enumerate(params_list)]
     if schema is _UNSET:
         schema = os.environ.get("DBTASKS_SCHEMA") or None
@@ -159,20 +160,6 @@ def enqueue_many(
     if hasattr(target, "run_sync"):
         return _run_async(target, *arguments)
     return _run(target, *arguments)
-
-
-def _checked_item(position: int, value: Any) -> Any:
-    try:
-        return checked_params(value)
-    except InvalidParams as exc:
-        raise InvalidParams(f"params_list[{position}]: {exc}") from None
-
-
-def _encoded_item(position: int, value: Any) -> str:
-    try:
-        return encode_checked(value)
-    except InvalidParams as exc:
-        raise InvalidParams(f"params_list[{position}]: {exc}") from None
 
 
 def _unscoped(target: Any) -> Any:
@@ -364,7 +351,7 @@ def _insert_many(
         # (queries.insert_jobs).
         values["params_json"] = (
             encode_params_array(checked) if dialect == "postgresql"
-            else json.dumps([_encoded_item(position, value)
+            else json.dumps([in_list(position, encode_checked, value)
                              for position, value in enumerate(checked)])
         )
         driver_connection = _plain_psycopg_connection(conn)

@@ -23,9 +23,12 @@ from __future__ import annotations
 import json
 import math
 import re
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from dbtasks.errors import InvalidParams
+
+_T = TypeVar("_T")
 
 #: Largest params accepted, as encoded JSON text.
 MAX_PARAMS_BYTES = 1024 * 1024
@@ -87,12 +90,18 @@ def encode_params_array(values: list[Any]) -> str:
         text = _encoder.encode(part)
         if len(text) > MAX_PARAMS_BYTES:
             for position, value in enumerate(part, start):
-                try:
-                    encode_checked(value)
-                except InvalidParams as exc:
-                    raise InvalidParams(f"params_list[{position}]: {exc}") from None
+                in_list(position, encode_checked, value)
         texts.append(text[1:-1])
     return "[" + ",".join(texts) + "]"
+
+
+def in_list(position: int, convert: Callable[[Any], _T], value: Any) -> _T:
+    """`convert(value)` for the value at `position` of enqueue_many's
+    params_list, whose InvalidParams says which value it is."""
+    try:
+        return convert(value)
+    except InvalidParams as exc:
+        raise InvalidParams(f"params_list[{position}]: {exc}") from None
 
 
 #: Values encoded in one call by encode_params_array.
